@@ -1,0 +1,218 @@
+"""Tests of one checkpoint file on disk: ``torch_ckpt_hook._checkpoint_file``."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import pickle
+import shlex
+from typing import Any
+
+import pytest
+import torch
+
+import torch_ckpt_hook
+from torch_ckpt_hook._checkpoint_file import load_checkpoint, write_checkpoint
+from torch_ckpt_hook._errors import CheckpointCorruptedError
+from torch_ckpt_hook._session import FORMAT_VERSION, Session
+
+_CALLS: list[str] = []
+
+
+def _record_call(arg: str) -> list[str]:
+    _CALLS.append(arg)
+    return _CALLS
+
+
+class _AppendsToListWhenUnpickled:
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_record_call, ("code ran while unpickling",))
+
+
+class _RunsShellCommandWhenUnpickled:
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (os.system, (f"touch {shlex.quote(self.marker)}",))
+
+
+def _payload(step: int = 3) -> dict[str, Any]:
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.ones(1, 3)).sum().backward()
+    optimizer.step()
+    session = Session(model, optimizer, global_step=step)
+    return session.state_dict()
+
+
+def test_write_then_load_round_trips_session_payload(tmp_path):
+    payload = _payload()
+    path = tmp_path / "model.ckpt-3"
+
+    write_checkpoint(path, payload)
+    loaded = load_checkpoint(path)
+
+    assert FORMAT_VERSION == loaded["format_version"]
+    assert 3 == loaded["global_step"]
+    assert payload["model"].keys() == loaded["model"].keys()
+    for name, tensor in payload["model"].items():
+        assert torch.equal(tensor, loaded["model"][name]), name
+    momentum = payload["optimizer"]["state"][0]["momentum_buffer"]
+    assert torch.equal(momentum, loaded["optimizer"]["state"][0]["momentum_buffer"])
+    assert torch.equal(payload["rng"]["torch"], loaded["rng"]["torch"])
+    assert payload["rng"]["python"] == loaded["rng"]["python"]
+
+
+def test_load_maps_tensors_to_cpu_by_default(tmp_path):
+    path = str(tmp_path / "model.ckpt-1")
+    write_checkpoint(path, {"format_version": 1, "t": torch.arange(3)})
+
+    assert torch.device("cpu") == load_checkpoint(path)["t"].device
+
+
+def test_write_leaves_only_the_checkpoint_file(tmp_path):
+    write_checkpoint(tmp_path / "model.ckpt-1", _payload())
+
+    assert ["model.ckpt-1"] == os.listdir(tmp_path)
+
+
+def test_write_failure_keeps_previous_file_and_leaves_no_temp_file(tmp_path):
+    path = tmp_path / "model.ckpt-1"
+    write_checkpoint(path, {"format_version": 1, "global_step": 1})
+    # A lambda cannot be pickled: torch.save fails after it has started writing the archive.
+    unpicklable = {"format_version": 1, "global_step": 2, "bad": lambda: None}
+
+    with pytest.raises((pickle.PicklingError, AttributeError), match="lambda"):
+        write_checkpoint(path, unpicklable)
+
+    assert ["model.ckpt-1"] == os.listdir(tmp_path)
+    assert 1 == load_checkpoint(path)["global_step"]
+
+
+def test_load_of_missing_path_raises_value_error_naming_it(tmp_path):
+    path = tmp_path / "model.ckpt-9"
+
+    with pytest.raises(
+        ValueError,
+        match=f"The passed save_path is not a valid checkpoint: {path} does not exist",
+    ):
+        load_checkpoint(path)
+
+
+def test_load_of_directory_raises_value_error_naming_it(tmp_path):
+    with pytest.raises(
+        ValueError,
+        match=f"The passed save_path is not a valid checkpoint: {tmp_path} is a directory",
+    ):
+        load_checkpoint(tmp_path)
+
+
+@pytest.mark.parametrize("keep", [0.0, 0.001, 0.5, 0.99], ids=["empty", "head", "half", "tail"])
+def test_load_of_truncated_file_raises_corrupted_error(tmp_path, keep):
+    path = tmp_path / "model.ckpt-1"
+    write_checkpoint(path, _payload())
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+    with pytest.raises(CheckpointCorruptedError, match=f"Checkpoint {path} is corrupted") as info:
+        load_checkpoint(path)
+
+    assert info.value.__cause__ is not None
+
+
+def test_load_of_file_that_is_not_a_checkpoint_raises_corrupted_error(tmp_path):
+    path = tmp_path / "model.ckpt-1"
+    path.write_text("model_checkpoint_path: 'this is a text file'\n")
+
+    with pytest.raises(
+        CheckpointCorruptedError,
+        match=f"Checkpoint {path} is corrupted or unreadable: it is not a torch.save zip archive",
+    ):
+        load_checkpoint(path)
+
+
+@pytest.mark.skipif(
+    os.name == "nt" or os.geteuid() == 0, reason="needs POSIX permissions that bind the user"
+)
+def test_load_of_unreadable_file_raises_permission_error_not_corruption(tmp_path):
+    path = tmp_path / "model.ckpt-1"
+    write_checkpoint(path, {"format_version": 1})
+    path.chmod(0o200)
+
+    with pytest.raises(PermissionError, match="Permission denied"):
+        load_checkpoint(path)
+
+
+def test_crafted_pickle_is_refused_without_running_its_code(tmp_path):
+    path = tmp_path / "model.ckpt-1"
+    torch.save({"format_version": 1, "evil": _AppendsToListWhenUnpickled()}, path)
+    _CALLS.clear()
+
+    with pytest.raises(
+        CheckpointCorruptedError,
+        match=f"Checkpoint {path} is corrupted or unreadable: weights_only loading refused",
+    ) as info:
+        load_checkpoint(path)
+
+    assert [] == _CALLS
+    assert isinstance(info.value.__cause__, pickle.UnpicklingError)
+    # The control: an unrestricted load does run the file's code.
+    torch.load(path, weights_only=False)
+    assert ["code ran while unpickling"] == _CALLS
+    _CALLS.clear()
+
+
+def test_crafted_pickle_calling_os_system_runs_no_command(tmp_path):
+    path = tmp_path / "model.ckpt-1"
+    marker = tmp_path / "pwned"
+    torch.save({"format_version": 1, "evil": _RunsShellCommandWhenUnpickled(str(marker))}, path)
+
+    with pytest.raises(
+        CheckpointCorruptedError,
+        match=f"weights_only loading refused .*GLOBAL {os.system.__module__}.system",
+    ):
+        load_checkpoint(path)
+
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    ("saved", "what"),
+    [
+        (torch.zeros(2), "a Tensor"),
+        ([1, 2], "a list"),
+        ({"model": {}, "global_step": 1}, r"a dict with keys \['global_step', 'model'\]"),
+    ],
+)
+def test_load_of_file_without_payload_raises_corrupted_error(tmp_path, saved, what):
+    path = tmp_path / "model.ckpt-1"
+    torch.save(saved, path)
+
+    with pytest.raises(
+        CheckpointCorruptedError,
+        match=(
+            f"Checkpoint {path} holds no torch_ckpt_hook payload: expected a dict with "
+            f"'format_version', got {what}"
+        ),
+    ):
+        load_checkpoint(path)
+
+
+def test_load_with_unknown_device_name_raises_value_error(tmp_path):
+    path = tmp_path / "model.ckpt-1"
+    write_checkpoint(path, {"format_version": 1})
+
+    with pytest.raises(ValueError, match="map_location must name a torch device, got 'gpu0'"):
+        load_checkpoint(path, map_location="gpu0")
+
+
+def test_package_never_loads_with_weights_only_false():
+    package_dir = pathlib.Path(torch_ckpt_hook.__file__).parent
+    offenders = [
+        str(path)
+        for path in sorted(package_dir.glob("*.py"))
+        if "weights_only=False" in path.read_text().replace(" ", "")
+    ]
+
+    assert [] == offenders

@@ -1,0 +1,110 @@
+"""SecondOrStepTimer: TensorFlow's SecondOrStepTimerTest, translated, plus validation."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import FakeClock
+
+from torch_ckpt_hook import SecondOrStepTimer
+from torch_ckpt_hook._timer import NeverTriggerTimer
+
+
+def test_raises_when_both_secs_and_steps_are_given() -> None:
+    with pytest.raises(ValueError, match=r"^Can not provide both every_secs and every_steps\.$"):
+        SecondOrStepTimer(every_secs=2.0, every_steps=10)
+
+
+def test_raises_when_neither_secs_nor_steps_is_given() -> None:
+    with pytest.raises(
+        ValueError, match=r"^Either every_secs or every_steps should be provided\.$"
+    ):
+        SecondOrStepTimer()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"), [({"every_secs": -1.0}, "every_secs"), ({"every_steps": -3}, "every_steps")]
+)
+def test_negative_interval_is_rejected(kwargs: dict[str, float], name: str) -> None:
+    with pytest.raises(ValueError, match=rf"^{name} must be >= 0, got -"):
+        SecondOrStepTimer(**kwargs)
+
+
+@pytest.mark.parametrize("value", ["10", True, [1]])
+def test_non_numeric_interval_is_rejected(value: object) -> None:
+    with pytest.raises(TypeError, match=r"^every_steps must be a number or None, got "):
+        SecondOrStepTimer(every_steps=value)  # type: ignore[arg-type]
+
+
+def test_every_secs(clock: FakeClock) -> None:
+    timer = SecondOrStepTimer(every_secs=1.0)
+    assert timer.should_trigger_for_step(1)
+
+    timer.update_last_triggered_step(1)
+    assert not timer.should_trigger_for_step(1)
+    assert not timer.should_trigger_for_step(2)
+
+    clock.advance(1.0)
+    assert not timer.should_trigger_for_step(1), "the same step never fires twice"
+    assert timer.should_trigger_for_step(2), "the seconds rule is inclusive"
+
+
+def test_every_steps() -> None:
+    timer = SecondOrStepTimer(every_steps=3)
+    assert timer.should_trigger_for_step(1)
+
+    timer.update_last_triggered_step(1)
+    assert not timer.should_trigger_for_step(1)
+    assert not timer.should_trigger_for_step(2)
+    assert not timer.should_trigger_for_step(3)
+    assert timer.should_trigger_for_step(4), "the steps rule is inclusive"
+
+
+def test_update_last_triggered_step_returns_secs_then_steps(clock: FakeClock) -> None:
+    timer = SecondOrStepTimer(every_steps=1)
+
+    assert timer.update_last_triggered_step(1) == (None, None)
+
+    clock.advance(5.0)
+    assert timer.update_last_triggered_step(5) == (5.0, 4)
+
+    clock.advance(2.5)
+    assert timer.update_last_triggered_step(2) == (2.5, -3), "elapsed steps are not clamped"
+    assert timer.last_triggered_step() == 2
+
+
+def test_zero_interval_fires_whenever_the_step_changes(clock: FakeClock) -> None:
+    for timer in (SecondOrStepTimer(every_steps=0), SecondOrStepTimer(every_secs=0)):
+        timer.update_last_triggered_step(3)
+        assert not timer.should_trigger_for_step(3)
+        assert timer.should_trigger_for_step(4)
+
+
+def test_step_going_backwards_never_fires_the_steps_rule() -> None:
+    timer = SecondOrStepTimer(every_steps=2)
+    timer.update_last_triggered_step(10)
+    assert not timer.should_trigger_for_step(5)
+
+
+def test_reset_makes_the_next_check_fire() -> None:
+    timer = SecondOrStepTimer(every_steps=100)
+    timer.update_last_triggered_step(1)
+    timer.reset()
+    assert timer.last_triggered_step() is None
+    assert timer.should_trigger_for_step(1)
+
+
+def test_the_clock_is_looked_up_at_call_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+
+    timer = SecondOrStepTimer(every_secs=10.0)
+    monkeypatch.setattr(time, "time", lambda: 100.0)
+    timer.update_last_triggered_step(0)
+    monkeypatch.setattr(time, "time", lambda: 110.0)
+    assert timer.should_trigger_for_step(1)
+
+
+def test_never_trigger_timer_never_fires() -> None:
+    timer = NeverTriggerTimer()
+    assert not timer.should_trigger_for_step(0)
+    assert timer.update_last_triggered_step(5) == (None, None)
+    assert timer.last_triggered_step() is None

@@ -1,0 +1,51 @@
+"""TensorFlow's CheckpointSaverHook and MonitoredSession for hand-written PyTorch training loops."""
+
+from ._basic_hooks import LoggingTensorHook, NanTensorHook, StepCounterHook, StopAtStepHook
+from ._checkpoint_file import load_checkpoint
+from ._checkpoint_hook import CheckpointSaverHook
+from ._errors import (
+    CheckpointCorruptedError,
+    CheckpointError,
+    CheckpointSaveError,
+    NanLossDuringTrainingError,
+)
+from ._hooks import SessionRunArgs, SessionRunContext, SessionRunHook, SessionRunValues
+from ._listeners import CheckpointSaverListener
+from ._monitored import MonitoredSession, SingularMonitoredSession
+from ._saver import Saver
+from ._scaffold import Scaffold
+from ._session import Session
+from ._state_file import CheckpointState, get_checkpoint_state, latest_checkpoint
+from ._timer import SecondOrStepTimer
+from ._training import MonitoredTrainingSession
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CheckpointCorruptedError",
+    "CheckpointError",
+    "CheckpointSaveError",
+    "CheckpointSaverHook",
+    "CheckpointSaverListener",
+    "CheckpointState",
+    "LoggingTensorHook",
+    "MonitoredSession",
+    "MonitoredTrainingSession",
+    "NanLossDuringTrainingError",
+    "NanTensorHook",
+    "Saver",
+    "Scaffold",
+    "SecondOrStepTimer",
+    "Session",
+    "SessionRunArgs",
+    "SessionRunContext",
+    "SessionRunHook",
+    "SessionRunValues",
+    "SingularMonitoredSession",
+    "StepCounterHook",
+    "StopAtStepHook",
+    "__version__",
+    "get_checkpoint_state",
+    "latest_checkpoint",
+    "load_checkpoint",
+]

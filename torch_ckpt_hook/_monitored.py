@@ -1,0 +1,332 @@
+"""The runners: ``MonitoredSession`` and ``SingularMonitoredSession`` call hooks around steps."""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+from collections.abc import Callable, Iterable, Mapping
+from types import TracebackType
+from typing import Any, TypeVar
+
+import torch
+
+from ._coordinator import Coordinator
+from ._fetches import check_fetches, merge_feeds, resolve_fetches
+from ._hooks import SessionRunArgs, SessionRunContext, SessionRunHook, SessionRunValues
+from ._scaffold import Scaffold
+from ._session import Session
+from ._session_manager import prepare_session
+from ._signals import SignalStopper, check_signals
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class _State(enum.Enum):
+    NEW = "new"
+    OPEN = "open"
+    CLOSED = "closed"
+
+
+def _check_hooks(hooks: Iterable[SessionRunHook] | None, name: str) -> list[SessionRunHook]:
+    if hooks is None:
+        return []
+    if isinstance(hooks, SessionRunHook) or not isinstance(hooks, Iterable):
+        raise TypeError(f"{name} must be a list of SessionRunHook, got {type(hooks).__qualname__}")
+    hooks = list(hooks)
+    for index, hook in enumerate(hooks):
+        if not isinstance(hook, SessionRunHook):
+            raise TypeError(
+                f"{name}[{index}] must be a SessionRunHook, got {type(hook).__qualname__}"
+            )
+    return hooks
+
+
+def _check_path(value: object, name: str) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, (str, os.PathLike)):
+        raise TypeError(f"{name} must be a path or None, got {type(value).__qualname__}")
+    return os.fspath(value)
+
+
+def _check_error_types(value: object) -> tuple[type[BaseException], ...]:
+    if isinstance(value, type):
+        value = (value,)
+    if not isinstance(value, Iterable):
+        raise TypeError(f"recoverable_errors must be a tuple of exception types, got {value!r}")
+    types = tuple(value)
+    for err in types:
+        if not (isinstance(err, type) and issubclass(err, BaseException)):
+            raise TypeError(
+                f"recoverable_errors must be a tuple of exception types, got {err!r} in it"
+            )
+    return types
+
+
+class _MonitoredSession:
+    """The shared runner: creates the session, runs steps with hooks, closes on every path."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer | None,
+        *,
+        hooks: Iterable[SessionRunHook] | None,
+        scaffold: Scaffold | None,
+        checkpoint_dir: str | None,
+        checkpoint_filename_with_path: str | None,
+        extra_state: Mapping[str, Any] | None,
+        recoverable_errors: tuple[type[BaseException], ...],
+        max_recoveries: int,
+        stop_on_signals: Iterable[int],
+    ) -> None:
+        self._state = _State.NEW
+        self._hooks = _check_hooks(hooks, "hooks")
+        if scaffold is not None and not isinstance(scaffold, Scaffold):
+            raise TypeError(
+                f"scaffold must be a Scaffold or None, got {type(scaffold).__qualname__}"
+            )
+        self._scaffold = scaffold or Scaffold()
+        checkpoint_dir = _check_path(checkpoint_dir, "checkpoint_dir")
+        checkpoint_filename_with_path = _check_path(
+            checkpoint_filename_with_path, "checkpoint_filename_with_path"
+        )
+        if checkpoint_dir is not None and checkpoint_filename_with_path is not None:
+            raise ValueError(
+                "Can not provide both checkpoint_dir and checkpoint_filename_with_path."
+            )
+        self._checkpoint_dir = checkpoint_dir
+        self._checkpoint_filename_with_path = checkpoint_filename_with_path
+        self._recoverable_errors = recoverable_errors
+        if isinstance(max_recoveries, bool) or not isinstance(max_recoveries, int):
+            raise TypeError(f"max_recoveries must be an int >= 0, got {max_recoveries!r}")
+        if max_recoveries < 0:
+            raise ValueError(f"max_recoveries must be an int >= 0, got {max_recoveries}")
+        self._max_recoveries = max_recoveries
+        self._coord = Coordinator()
+        self._signals = SignalStopper(check_signals(stop_on_signals), self._coord.request_stop)
+        self._stop_requested = False
+        self._session = Session(model, optimizer, extra_state=extra_state)
+        try:
+            for hook in self._hooks:
+                hook.begin()
+            self._create_session()
+            self._signals.install()
+        except BaseException:
+            self._state = _State.CLOSED
+            self._session.close()
+            raise
+        self._state = _State.OPEN
+
+    # -- creation and recovery ------------------------------------------------------------------
+
+    def _create_session(self) -> None:
+        prepare_session(
+            self._session,
+            self._scaffold,
+            self._checkpoint_dir,
+            self._checkpoint_filename_with_path,
+        )
+        for hook in self._hooks:
+            hook.after_create_session(self._session, self._coord)
+
+    def _recover(self, err: BaseException) -> None:
+        logger.warning(
+            "A recoverable error was raised; waiting for saves in flight, restoring the newest "
+            "checkpoint and retrying the step. Error: %r",
+            err,
+        )
+        self._wait_for_saves()
+        self._create_session()
+
+    def _wait_for_saves(self) -> None:
+        """Wait until the saves of every hook that has them are durable."""
+        for hook in self._hooks:
+            wait = getattr(hook, "wait_until_finished", None)
+            if callable(wait):
+                wait()
+        if self._scaffold.saver is not None:
+            self._scaffold.saver.wait_until_finished()
+
+    # -- running ----------------------------------------------------------------------------------
+
+    @property
+    def global_step(self) -> int:
+        """The raw session's global step (read-only)."""
+        return self._session.global_step
+
+    def should_stop(self) -> bool:
+        return self._state is _State.CLOSED or self._stop_requested or self._coord.should_stop()
+
+    def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run ``fn(*args, **kwargs)`` as one step, with every hook called around it."""
+        self._check_open("run()")
+        if self.should_stop():
+            raise RuntimeError(
+                "Run called even after should_stop requested. Check should_stop() before "
+                "each run(), or leave the loop when it is true."
+            )
+        if not callable(fn):
+            raise TypeError(f"fn must be a callable step function, got {type(fn).__qualname__}")
+        recoveries = 0
+        while True:
+            try:
+                return self._run_once(fn, args, kwargs)
+            except self._recoverable_errors as err:
+                if recoveries >= self._max_recoveries:
+                    raise
+                recoveries += 1
+                self._recover(err)
+
+    def _run_once(self, fn: Callable[..., T], args: tuple[Any, ...], kwargs: dict[str, Any]) -> T:
+        context = SessionRunContext(SessionRunArgs(fn, dict(kwargs)), self._session)
+        requests: list[tuple[SessionRunHook, SessionRunArgs | None]] = []
+        for hook in self._hooks:
+            request = hook.before_run(context)
+            if request is not None:
+                if not isinstance(request, SessionRunArgs):
+                    raise TypeError(
+                        f"{type(hook).__name__}.before_run() must return SessionRunArgs "
+                        f"or None, got {type(request).__qualname__}"
+                    )
+                check_fetches(request.fetches, f"{type(hook).__name__} fetches")
+            requests.append((hook, request))
+        feeds = merge_feeds(requests, kwargs)
+        value = self._session.run(fn, *args, **feeds)
+        values = [
+            SessionRunValues(
+                results=None if request is None else resolve_fetches(request.fetches, value),
+                options=None if request is None else request.options,
+            )
+            for _hook, request in requests
+        ]
+        for (hook, _request), run_values in zip(requests, values, strict=True):
+            hook.after_run(context, run_values)
+        self._stop_requested = self._stop_requested or context.stop_requested
+        return value
+
+    # -- closing ----------------------------------------------------------------------------------
+
+    def _check_open(self, what: str) -> None:
+        if self._state is _State.CLOSED:
+            raise RuntimeError(
+                f"{what} on a closed {type(self).__name__}: it was closed already (by close() or "
+                "by leaving its with block). Create a new one to train again."
+            )
+
+    def close(self) -> None:
+        """Close cleanly: every hook's ``end()``, then wait for saves, then release."""
+        self._close(clean=True)
+
+    def _close(self, clean: bool) -> None:
+        self._check_open("close()")
+        self._state = _State.CLOSED
+        try:
+            if clean:
+                for hook in self._hooks:
+                    hook.end(self._session)
+        finally:
+            try:
+                self._drain(clean)
+            finally:
+                self._signals.restore()
+                self._session.close()
+
+    def _drain(self, clean: bool) -> None:
+        """Commit the saves already staged, whatever the exit path."""
+        try:
+            self._wait_for_saves()
+        except Exception:
+            if clean:
+                raise
+            logger.exception("A checkpoint save failed while closing after an error.")
+
+    def __enter__(self: _SelfT) -> _SelfT:
+        self._check_open("with")
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        end_of_input = exc_type is not None and issubclass(exc_type, StopIteration)
+        self._close(clean=exc_type is None or end_of_input)
+        return end_of_input
+
+
+_SelfT = TypeVar("_SelfT", bound=_MonitoredSession)
+
+
+class MonitoredSession(_MonitoredSession):
+    """Runs training steps with hooks, restores on creation, and recovers from chosen errors.
+
+    When a hook or the step function raises one of ``recoverable_errors``, the session waits for
+    saves in flight, restores the newest intact checkpoint (or runs ``scaffold.init_fn``), calls
+    every hook's ``after_create_session`` again, and retries the same call, at most
+    ``max_recoveries`` times per call.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer | None = None,
+        *,
+        hooks: Iterable[SessionRunHook] | None = None,
+        scaffold: Scaffold | None = None,
+        checkpoint_dir: str | None = None,
+        checkpoint_filename_with_path: str | None = None,
+        extra_state: Mapping[str, Any] | None = None,
+        recoverable_errors: Iterable[type[BaseException]] = (),
+        max_recoveries: int = 3,
+        stop_on_signals: Iterable[int] = (),
+    ) -> None:
+        super().__init__(
+            model,
+            optimizer,
+            hooks=hooks,
+            scaffold=scaffold,
+            checkpoint_dir=checkpoint_dir,
+            checkpoint_filename_with_path=checkpoint_filename_with_path,
+            extra_state=extra_state,
+            recoverable_errors=_check_error_types(recoverable_errors),
+            max_recoveries=max_recoveries,
+            stop_on_signals=stop_on_signals,
+        )
+
+
+class SingularMonitoredSession(_MonitoredSession):
+    """A ``MonitoredSession`` that never recovers and hands out its raw ``Session``."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer | None = None,
+        *,
+        hooks: Iterable[SessionRunHook] | None = None,
+        scaffold: Scaffold | None = None,
+        checkpoint_dir: str | None = None,
+        checkpoint_filename_with_path: str | None = None,
+        extra_state: Mapping[str, Any] | None = None,
+        stop_on_signals: Iterable[int] = (),
+    ) -> None:
+        super().__init__(
+            model,
+            optimizer,
+            hooks=hooks,
+            scaffold=scaffold,
+            checkpoint_dir=checkpoint_dir,
+            checkpoint_filename_with_path=checkpoint_filename_with_path,
+            extra_state=extra_state,
+            recoverable_errors=(),
+            max_recoveries=0,
+            stop_on_signals=stop_on_signals,
+        )
+
+    def raw_session(self) -> Session:
+        """The ``Session`` underneath: running it calls no hook."""
+        return self._session

@@ -1,0 +1,79 @@
+"""Preemption: turn termination signals into a stop request after the current step."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from collections.abc import Callable, Iterable
+from types import FrameType
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+
+def check_signals(signals: object) -> tuple[signal.Signals, ...]:
+    if signals is None:
+        return ()
+    if isinstance(signals, (int, signal.Signals)):
+        signals = (signals,)
+    if not isinstance(signals, Iterable):
+        raise TypeError(f"stop_on_signals must be a tuple of signals, got {signals!r}")
+    result = []
+    for sig in signals:
+        try:
+            result.append(signal.Signals(sig))
+        except (ValueError, TypeError):
+            raise ValueError(
+                f"stop_on_signals must hold signal numbers such as signal.SIGTERM, got {sig!r}"
+            ) from None
+    return tuple(result)
+
+
+class SignalStopper:
+    """Installs handlers that call ``on_signal`` once, then restores the previous handlers.
+
+    The handler only records the request: the step in progress finishes, and the runner stops
+    and writes its final checkpoint from the training thread. Later signals are logged and ignored,
+    so a second SIGTERM cannot interrupt the final save.
+    """
+
+    def __init__(self, signals: tuple[signal.Signals, ...], on_signal: Callable[[], None]) -> None:
+        self._signals = signals
+        self._on_signal = on_signal
+        self._previous: dict[signal.Signals, Any] = {}
+        self._received: signal.Signals | None = None
+
+    def install(self) -> None:
+        if not self._signals:
+            return
+        if threading.current_thread() is not threading.main_thread():
+            logger.warning(
+                "stop_on_signals %s ignored: signal handlers can only be installed from the "
+                "main thread.",
+                [s.name for s in self._signals],
+            )
+            return
+        for sig in self._signals:
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    @property
+    def received(self) -> signal.Signals | None:
+        return self._received
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        sig = signal.Signals(signum)
+        if self._received is not None:
+            logger.warning("Received %s again while stopping; ignored.", sig.name)
+            return
+        self._received = sig
+        logger.warning(
+            "Received %s: stopping after the current step and saving a final checkpoint.",
+            sig.name,
+        )
+        self._on_signal()

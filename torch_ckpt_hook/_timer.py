@@ -1,0 +1,88 @@
+"""When to fire: ``SecondOrStepTimer``, TensorFlow's steps-or-seconds trigger."""
+
+from __future__ import annotations
+
+import time
+
+
+def _check_interval(name: str, value: float | None) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number or None, got {value!r}")
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value!r}")
+
+
+class SecondOrStepTimer:
+    """Fires every ``every_secs`` seconds or every ``every_steps`` steps, never both.
+
+    The rules are TensorFlow's: the first check always fires, a step never fires twice in a row,
+    and both intervals are inclusive. The clock is ``time.time()``, looked up at call time, so a
+    test can replace it.
+    """
+
+    def __init__(self, every_secs: float | None = None, every_steps: int | None = None) -> None:
+        self.reset()
+        if every_secs is None and every_steps is None:
+            raise ValueError("Either every_secs or every_steps should be provided.")
+        if every_secs is not None and every_steps is not None:
+            raise ValueError("Can not provide both every_secs and every_steps.")
+        _check_interval("every_secs", every_secs)
+        _check_interval("every_steps", every_steps)
+        self._every_secs = every_secs
+        self._every_steps = every_steps
+
+    def reset(self) -> None:
+        """Forget the last trigger: the next check fires."""
+        self._last_triggered_step: int | None = None
+        self._last_triggered_time: float | None = None
+
+    def should_trigger_for_step(self, step: int) -> bool:
+        """Whether ``step`` should fire, given the last trigger."""
+        if self._last_triggered_step is None:
+            return True
+        if self._last_triggered_step == step:
+            return False
+        if self._every_secs is not None:
+            assert self._last_triggered_time is not None
+            if time.time() >= self._last_triggered_time + self._every_secs:
+                return True
+        if self._every_steps is not None:
+            return step >= self._last_triggered_step + self._every_steps
+        return False
+
+    def update_last_triggered_step(self, step: int) -> tuple[float | None, int | None]:
+        """Record a trigger at ``step``; return the seconds and steps since the previous one.
+
+        Both are ``None`` on the first trigger. It does not check ``should_trigger_for_step``.
+        """
+        current_time = time.time()
+        if self._last_triggered_time is None or self._last_triggered_step is None:
+            elapsed_secs: float | None = None
+            elapsed_steps: int | None = None
+        else:
+            elapsed_secs = current_time - self._last_triggered_time
+            elapsed_steps = step - self._last_triggered_step
+        self._last_triggered_time = current_time
+        self._last_triggered_step = step
+        return elapsed_secs, elapsed_steps
+
+    def last_triggered_step(self) -> int | None:
+        return self._last_triggered_step
+
+
+class NeverTriggerTimer:
+    """A timer that never fires (``LoggingTensorHook(at_end=True)`` with no interval)."""
+
+    def reset(self) -> None:
+        pass
+
+    def should_trigger_for_step(self, step: int) -> bool:
+        return False
+
+    def update_last_triggered_step(self, step: int) -> tuple[float | None, int | None]:
+        return None, None
+
+    def last_triggered_step(self) -> int | None:
+        return None
