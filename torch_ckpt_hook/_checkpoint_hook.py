@@ -33,6 +33,10 @@ class _PendingSave:
     may_stop: bool
 
 
+def _same_file(a: str, b: str) -> bool:
+    return os.path.abspath(a) == os.path.abspath(b)
+
+
 def _check_listeners(listeners: object) -> list[CheckpointSaverListener]:
     if listeners is None:
         return []
@@ -139,7 +143,8 @@ class CheckpointSaverHook(SessionRunHook):
         global_step = session.global_step
         # The state at this step may be what was just restored: re-saving it only costs time
         # (TensorFlow did, and users saw training "stuck" at "Saving checkpoints for 0").
-        if latest_checkpoint(self._checkpoint_dir) != self._checkpoint_path(global_step):
+        latest = latest_checkpoint(self._checkpoint_dir)
+        if latest is None or not _same_file(latest, self._checkpoint_path(global_step)):
             self._save(session, global_step, may_stop=False)
         self._timer.update_last_triggered_step(global_step)
 

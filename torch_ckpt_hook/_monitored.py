@@ -245,7 +245,7 @@ class _MonitoredSession:
             logger.exception("A checkpoint save failed while closing after an error.")
 
     def __enter__(self: _SelfT) -> _SelfT:
-        self._check_open("with")
+        self._check_open("entering a with block")
         return self
 
     def __exit__(

@@ -35,6 +35,11 @@ class SaveHandle:
         return self._path
 
 
+def _path_key(path: str) -> str:
+    """One spelling per file: a path given relative and recovered absolute is the same entry."""
+    return os.path.normcase(os.path.abspath(path))
+
+
 def _check_max_to_keep(value: object) -> int | None:
     if value is None:
         return None
@@ -67,7 +72,9 @@ class Saver:
         self._next_checkpoint_time = time.time() + self._keep_every_secs
         # (path, save time), oldest first.
         self._last_checkpoints: list[tuple[str, float]] = []
-        self._opened_dirs: set[str] = set()
+        # Directories whose stray temporary files were removed, and whose list was adopted.
+        self._cleaned_dirs: set[str] = set()
+        self._recovered_dirs: set[str] = set()
 
     @property
     def last_checkpoints(self) -> list[str]:
@@ -128,7 +135,7 @@ class Saver:
         directory = os.path.abspath(checkpoint_dir)
         state = get_checkpoint_state(directory)
         self.recover_last_checkpoints(list(state.all_model_checkpoint_paths) if state else [])
-        self._opened_dirs.add(directory)
+        self._recovered_dirs.add(directory)
 
     def _checkpoint_path(self, save_path: str, global_step: int | None) -> str:
         if not isinstance(save_path, (str, os.PathLike)):
@@ -147,14 +154,13 @@ class Saver:
 
     def _open_directory(self, directory: str) -> None:
         """On the first save into a directory: clean up after a killed save, adopt its list."""
-        if directory in self._opened_dirs:
-            return
-        remove_stray_temp_files(directory)
-        if not self._last_checkpoints:
-            state = get_checkpoint_state(directory)
-            if state is not None:
-                self.recover_last_checkpoints(list(state.all_model_checkpoint_paths))
-        self._opened_dirs.add(directory)
+        if directory not in self._cleaned_dirs:
+            remove_stray_temp_files(directory)
+            self._cleaned_dirs.add(directory)
+        if directory not in self._recovered_dirs:
+            if not self._last_checkpoints:
+                self.recover_last_checkpoints_from(directory)
+            self._recovered_dirs.add(directory)
 
     def _commit(self, path: str, payload: dict[str, Any]) -> None:
         """Write the file, then the state file, then delete what retention dropped."""
@@ -173,7 +179,8 @@ class Saver:
 
         Every checkpoint over the limit is dropped at once (TensorFlow dropped one per save).
         """
-        self._last_checkpoints = [(p, t) for p, t in self._last_checkpoints if p != path]
+        key = _path_key(path)
+        self._last_checkpoints = [(p, t) for p, t in self._last_checkpoints if _path_key(p) != key]
         self._last_checkpoints.append((path, time.time()))
         dropped: list[str] = []
         if not self._max_to_keep:
