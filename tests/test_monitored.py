@@ -169,7 +169,10 @@ def test_close_twice_is_a_runtime_error_with_a_clear_message() -> None:
         sess.close()
     with pytest.raises(RuntimeError, match=r"^run\(\) on a closed MonitoredSession"):
         sess.run(lambda: None)
-    with pytest.raises(RuntimeError, match=r"^entering a with block on a closed MonitoredSession"), sess:
+    with (
+        pytest.raises(RuntimeError, match=r"^entering a with block on a closed MonitoredSession"),
+        sess,
+    ):
         pass
 
 

@@ -147,6 +147,7 @@ class CheckpointSaverHook(SessionRunHook):
         if latest is None or not _same_file(latest, self._checkpoint_path(global_step)):
             self._save(session, global_step, may_stop=False)
         self._timer.update_last_triggered_step(global_step)
+        self._poll(session)
 
     def before_run(self, run_context: SessionRunContext) -> None:
         self._poll(run_context.session)
@@ -165,6 +166,7 @@ class CheckpointSaverHook(SessionRunHook):
             run_context.request_stop()
 
     def end(self, session: Session) -> None:
+        self._poll(session)
         last_step = session.global_step
         if last_step != self._timer.last_triggered_step():
             self._save(session, last_step, may_stop=False)
