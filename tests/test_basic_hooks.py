@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import logging
 import sys
-import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from conftest import FakeClock
 
 from torch_ckpt_hook._basic_hooks import (
     LoggingTensorHook,
@@ -20,6 +20,7 @@ from torch_ckpt_hook._basic_hooks import (
 )
 from torch_ckpt_hook._coordinator import Coordinator
 from torch_ckpt_hook._errors import NanLossDuringTrainingError
+from torch_ckpt_hook._fetches import resolve_fetches
 from torch_ckpt_hook._hooks import (
     SessionRunArgs,
     SessionRunContext,
@@ -29,24 +30,6 @@ from torch_ckpt_hook._hooks import (
 from torch_ckpt_hook._session import Session
 
 LOGGER = "torch_ckpt_hook._basic_hooks"
-START_TIME = 1_000_000.0  # increments of 0.25 s stay exact in binary floating point
-
-
-class FakeClock:
-    """Stands in for ``time.time``; tests move it by hand."""
-
-    def __init__(self, now: float = START_TIME) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
-@pytest.fixture
-def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
-    fake = FakeClock()
-    monkeypatch.setattr(time, "time", fake)
-    return fake
 
 
 @pytest.fixture
@@ -55,19 +38,6 @@ def session() -> Iterator[Session]:
     sess = Session(model, torch.optim.SGD(model.parameters(), lr=0.1))
     yield sess
     sess.close()
-
-
-def resolve(fetches: Any, value: Any) -> Any:
-    """Resolve a fetch structure against a step function's return value, as the runner does."""
-    if fetches is None:
-        return None
-    if isinstance(fetches, str):
-        return value[fetches]
-    if callable(fetches):
-        return fetches(value)
-    if isinstance(fetches, dict):
-        return {key: resolve(sub, value) for key, sub in fetches.items()}
-    return type(fetches)(resolve(sub, value) for sub in fetches)
 
 
 class HookedSession:
@@ -84,7 +54,7 @@ class HookedSession:
         value = step_fn()
         for hook, request in zip(self.hooks, requests, strict=True):
             fetches = None if request is None else request.fetches
-            hook.after_run(ctx, SessionRunValues(resolve(fetches, value)))
+            hook.after_run(ctx, SessionRunValues(resolve_fetches(fetches, value)))
         self.should_stop = self.should_stop or ctx.stop_requested
         return value
 
