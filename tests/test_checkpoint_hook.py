@@ -1252,3 +1252,21 @@ def test_monitored_training_session_checkpoints_are_durable_either_way(
     payload = load_checkpoint(str(tmp_path / "model.ckpt-3"))
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, payload["model"][name]), name
+
+
+def test_the_creation_save_is_made_when_the_newest_checkpoint_was_not_restored(
+    tmp_path: pathlib.Path,
+) -> None:
+    # The newest checkpoint is corrupted, so nothing is restored and the session is at step 0:
+    # the save at creation must replace it, not trust its name.
+    (tmp_path / "model.ckpt-0").write_bytes(b"garbage")
+    (tmp_path / "checkpoint").write_text(
+        'model_checkpoint_path: "model.ckpt-0"\nall_model_checkpoint_paths: "model.ckpt-0"\n'
+    )
+    with MonitoredTrainingSession(
+        torch.nn.Linear(1, 1), checkpoint_dir=str(tmp_path), save_checkpoint_steps=10
+    ):
+        pass
+    latest = latest_checkpoint(str(tmp_path))
+    assert latest is not None
+    assert 0 == load_checkpoint(latest)["global_step"]

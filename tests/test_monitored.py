@@ -493,3 +493,105 @@ def test_monitored_session_validates_its_arguments(kwargs, error, message) -> No
 def test_run_needs_a_callable() -> None:
     with pytest.raises(TypeError, match=r"^fn must be a callable step function, got int$"):
         MonitoredSession(_model()).run(3)  # type: ignore[arg-type]
+
+
+# -- regressions from review -------------------------------------------------------------------
+
+
+def test_a_signal_between_should_stop_and_run_still_ends_cleanly_with_a_final_checkpoint(
+    tmp_path,  # type: ignore[no-untyped-def]
+) -> None:
+    from torch_ckpt_hook import CheckpointSaverHook, latest_checkpoint
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    step = make_train_step(model, optimizer)
+    hook = CheckpointSaverHook(str(tmp_path), save_steps=100)
+    with MonitoredSession(
+        model, optimizer, hooks=[hook], stop_on_signals=(signal.SIGUSR1,)
+    ) as sess:
+        while not sess.should_stop():
+            if sess.global_step == 3:
+                os.kill(os.getpid(), signal.SIGUSR1)  # lands after the loop's check
+            sess.run(step)
+    assert 4 == sess.global_step, "the step in progress when the signal came still ran"
+    assert str(tmp_path / "model.ckpt-4") == latest_checkpoint(str(tmp_path))
+
+
+def test_end_of_input_is_never_recovered_from_even_when_exception_is_recoverable(
+    tmp_path,  # type: ignore[no-untyped-def]
+) -> None:
+    from torch_ckpt_hook import CheckpointSaverHook
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    train = make_train_step(model, optimizer)
+    data = iter(range(5))
+
+    def step() -> dict[str, torch.Tensor]:
+        next(data)
+        return train()
+
+    hook = CheckpointSaverHook(str(tmp_path), save_steps=2)
+    with MonitoredSession(
+        model,
+        optimizer,
+        hooks=[hook],
+        checkpoint_dir=str(tmp_path),
+        recoverable_errors=(Exception,),
+    ) as sess:
+        while not sess.should_stop():
+            sess.run(step)
+    assert 5 == sess.global_step
+
+
+def test_uncatchable_stop_signals_are_rejected() -> None:
+    with pytest.raises(
+        ValueError, match=r"^stop_on_signals must hold signals a process can catch, got SIGKILL$"
+    ):
+        MonitoredSession(_model(), stop_on_signals=(signal.SIGTERM, signal.SIGKILL))
+
+
+def test_close_from_another_thread_logs_that_handlers_stay_and_still_releases(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import threading
+
+    model = torch.nn.Linear(1, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    sess = MonitoredSession(model, optimizer, stop_on_signals=(signal.SIGUSR2,))
+    runner_handler = signal.getsignal(signal.SIGUSR2)
+    errors: list[BaseException] = []
+
+    def close() -> None:
+        try:
+            sess.close()
+        except BaseException as err:  # pragma: no cover - reported below
+            errors.append(err)
+
+    thread = threading.Thread(target=close)
+    thread.start()
+    thread.join()
+    assert [] == errors
+    assert "Could not restore the previous SIGUSR2 handler" in caplog.text
+    assert not optimizer._optimizer_step_post_hooks, "the step counter hook was removed"
+    assert runner_handler == signal.getsignal(signal.SIGUSR2), "only the main thread can restore"
+    signal.signal(signal.SIGUSR2, signal.SIG_DFL)
+
+
+def test_an_end_error_is_not_hidden_by_a_failing_drain() -> None:
+    from torch_ckpt_hook import CheckpointSaveError
+
+    class FailingEnd(SessionRunHook):
+        def end(self, session: Session) -> None:
+            raise OSError("end failed")
+
+    class FailingDrain(SessionRunHook):
+        def wait_until_finished(self) -> None:
+            raise CheckpointSaveError("background save failed")
+
+    sess = MonitoredSession(_model(), hooks=[FailingEnd(), FailingDrain()])
+    with pytest.raises(OSError, match="end failed"):
+        sess.close()

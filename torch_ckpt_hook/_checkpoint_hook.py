@@ -141,10 +141,18 @@ class CheckpointSaverHook(SessionRunHook):
     def after_create_session(self, session: Session, coord: Coordinator) -> None:
         self._poll(session)
         global_step = session.global_step
-        # The state at this step may be what was just restored: re-saving it only costs time
-        # (TensorFlow did, and users saw training "stuck" at "Saving checkpoints for 0").
+        # The state may be what was just restored from the newest checkpoint: re-saving it only
+        # costs time (TensorFlow did; users saw training "stuck" at "Saving checkpoints for 0").
+        # A file of that name that the session did not come from is overwritten.
+        path = self._checkpoint_path(global_step)
         latest = latest_checkpoint(self._checkpoint_dir)
-        if latest is None or not _same_file(latest, self._checkpoint_path(global_step)):
+        just_restored = (
+            latest is not None
+            and session.restored_from is not None
+            and _same_file(latest, path)
+            and _same_file(session.restored_from, path)
+        )
+        if not just_restored:
             self._save(session, global_step, may_stop=False)
         self._timer.update_last_triggered_step(global_step)
         self._poll(session)

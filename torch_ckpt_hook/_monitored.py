@@ -117,7 +117,7 @@ class _MonitoredSession:
             self._signals.install()
         except BaseException:
             self._state = _State.CLOSED
-            self._session.close()
+            self._release()
             raise
         self._state = _State.OPEN
 
@@ -159,12 +159,19 @@ class _MonitoredSession:
         return self._session.global_step
 
     def should_stop(self) -> bool:
+        """Whether the loop should end: closed, a hook asked to stop, or the coordinator did."""
         return self._state is _State.CLOSED or self._stop_requested or self._coord.should_stop()
 
     def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """Run ``fn(*args, **kwargs)`` as one step, with every hook called around it."""
+        """Run ``fn(*args, **kwargs)`` as one step, with every hook called around it.
+
+        Raises ``RuntimeError`` once a hook has requested a stop (TensorFlow's rule). A stop
+        through the coordinator (a preemption signal, ``coord.request_stop()``) only turns
+        ``should_stop()`` true: a signal that lands between the loop's ``should_stop()`` check
+        and this call must not turn a clean stop into an error that skips the final save.
+        """
         self._check_open("run()")
-        if self.should_stop():
+        if self._stop_requested:
             raise RuntimeError(
                 "Run called even after should_stop requested. Check should_stop() before "
                 "each run(), or leave the loop when it is true."
@@ -175,6 +182,8 @@ class _MonitoredSession:
         while True:
             try:
                 return self._run_once(fn, args, kwargs)
+            except StopIteration:
+                raise  # the end of the input, never an error to recover from
             except self._recoverable_errors as err:
                 if recoveries >= self._max_recoveries:
                     raise
@@ -224,25 +233,34 @@ class _MonitoredSession:
     def _close(self, clean: bool) -> None:
         self._check_open("close()")
         self._state = _State.CLOSED
+        ended = False
         try:
             if clean:
                 for hook in self._hooks:
                     hook.end(self._session)
+            ended = True
         finally:
             try:
-                self._drain(clean)
+                # After an error (or a failing end()), a save failure is logged: raising it
+                # would hide the exception already on its way out.
+                self._drain(raise_errors=clean and ended)
             finally:
-                self._signals.restore()
-                self._session.close()
+                self._release()
 
-    def _drain(self, clean: bool) -> None:
+    def _drain(self, raise_errors: bool) -> None:
         """Commit the saves already staged, whatever the exit path."""
         try:
             self._wait_for_saves()
         except Exception:
-            if clean:
+            if raise_errors:
                 raise
             logger.exception("A checkpoint save failed while closing after an error.")
+
+    def _release(self) -> None:
+        try:
+            self._signals.restore()
+        finally:
+            self._session.close()
 
     def __enter__(self: _SelfT) -> _SelfT:
         self._check_open("entering a with block")

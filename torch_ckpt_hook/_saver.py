@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 from ._checkpoint_file import load_checkpoint, write_checkpoint
 from ._errors import CheckpointSaveError
 from ._fsutil import remove_stray_temp_files
+from ._staging import stage_to_cpu
 from ._state_file import STATE_FILENAME, get_checkpoint_state, update_checkpoint_state
 
 if TYPE_CHECKING:
@@ -99,7 +100,7 @@ class Saver:
         if not os.path.isdir(directory):
             raise ValueError(f"Parent directory of {path} doesn't exist, can't save.")
         self._open_directory(directory)
-        payload = session.state_dict()
+        payload = stage_to_cpu(session.state_dict())
         try:
             self._commit(path, payload)
         except Exception as err:
@@ -119,6 +120,7 @@ class Saver:
             raise ValueError(f"The passed save_path is not a valid checkpoint: {save_path}")
         logger.info("Restoring parameters from %s", save_path)
         session.load_state_dict(load_checkpoint(save_path))
+        session._restored_from = os.path.abspath(save_path)
 
     def recover_last_checkpoints(self, checkpoint_paths: list[str]) -> None:
         """Adopt ``checkpoint_paths`` (oldest first), dropping missing ones; mtimes become ages."""

@@ -76,6 +76,8 @@ class Session:
         self._extra_state = check_extra_state(extra_state)
         self._global_step = check_global_step(global_step)
         self._step_hook: Any = None
+        # The checkpoint the state came from, set by Saver.restore; any other load clears it.
+        self._restored_from: str | None = None
         if optimizer is not None:
             # A weak reference: the optimizer must not keep a dropped session alive.
             ref = weakref.ref(self)
@@ -98,6 +100,11 @@ class Session:
     @property
     def extra_state(self) -> dict[str, Any]:
         return self._extra_state
+
+    @property
+    def restored_from(self) -> str | None:
+        """The absolute path of the checkpoint last restored into this session, if any."""
+        return self._restored_from
 
     @property
     def global_step(self) -> int:
@@ -140,6 +147,7 @@ class Session:
         The payload is checked before anything is changed.
         """
         self._check_payload(state_dict)
+        self._restored_from = None
         self._model.load_state_dict(state_dict["model"])
         if self._optimizer is not None:
             self._optimizer.load_state_dict(state_dict["optimizer"])

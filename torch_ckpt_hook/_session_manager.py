@@ -41,6 +41,7 @@ def prepare_session(
     corrupted one is skipped with a warning that names it. The saver then adopts the directory's
     checkpoint list, so ``max_to_keep`` carries on across restarts.
     """
+    session._restored_from = None
     if checkpoint_filename_with_path is not None:
         scaffold.get_saver().restore(session, checkpoint_filename_with_path)
         return checkpoint_filename_with_path

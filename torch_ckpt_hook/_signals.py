@@ -11,6 +11,10 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
+_UNCATCHABLE = frozenset(
+    getattr(signal, name) for name in ("SIGKILL", "SIGSTOP") if hasattr(signal, name)
+)
+
 
 def check_signals(signals: object) -> tuple[signal.Signals, ...]:
     if signals is None:
@@ -27,6 +31,10 @@ def check_signals(signals: object) -> tuple[signal.Signals, ...]:
             raise ValueError(
                 f"stop_on_signals must hold signal numbers such as signal.SIGTERM, got {sig!r}"
             ) from None
+        if result[-1] in _UNCATCHABLE:
+            raise ValueError(
+                f"stop_on_signals must hold signals a process can catch, got {result[-1].name}"
+            )
     return tuple(result)
 
 
@@ -54,13 +62,22 @@ class SignalStopper:
                 [s.name for s in self._signals],
             )
             return
-        for sig in self._signals:
-            self._previous[sig] = signal.signal(sig, self._handle)
+        try:
+            for sig in self._signals:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        except BaseException:
+            self.restore()
+            raise
 
     def restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous.clear()
+        """Put the previous handlers back; from another thread, log that they cannot be."""
+        previous, self._previous = self._previous, {}
+        for sig, handler in previous.items():
+            try:
+                # None means a handler installed from C, which Python cannot reinstall.
+                signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+            except ValueError as err:
+                logger.warning("Could not restore the previous %s handler: %s", sig.name, err)
 
     @property
     def received(self) -> signal.Signals | None:
