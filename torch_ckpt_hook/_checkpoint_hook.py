@@ -9,6 +9,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from ._fsutil import same_path
 from ._hooks import SessionRunContext, SessionRunHook, SessionRunValues
 from ._listeners import CheckpointSaverListener
 from ._saver import Saver
@@ -31,10 +32,6 @@ class _PendingSave:
     step: int
     # A stop asked by after_save counts only for saves made from after_run (TensorFlow).
     may_stop: bool
-
-
-def _same_file(a: str, b: str) -> bool:
-    return os.path.abspath(a) == os.path.abspath(b)
 
 
 def _check_listeners(listeners: object) -> list[CheckpointSaverListener]:
@@ -149,8 +146,8 @@ class CheckpointSaverHook(SessionRunHook):
         just_restored = (
             latest is not None
             and session.restored_from is not None
-            and _same_file(latest, path)
-            and _same_file(session.restored_from, path)
+            and same_path(latest, path)
+            and same_path(session.restored_from, path)
         )
         if not just_restored:
             self._save(session, global_step, may_stop=False)

@@ -28,6 +28,16 @@ _TEMP_NAME = re.compile(r".+" + re.escape(TEMP_INFIX) + r"[0-9a-f]{32}", re.DOTA
 _FSYNC_DIR_UNSUPPORTED = frozenset({errno.EINVAL, errno.ENOTSUP, errno.EBADF, errno.EISDIR})
 
 
+def same_path(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
+    """Whether two spellings name one path (relative or absolute, case on case-blind systems)."""
+    return path_key(a) == path_key(b)
+
+
+def path_key(path: str | os.PathLike[str]) -> str:
+    """One spelling per path, for comparing and deduplicating paths."""
+    return os.path.normcase(os.path.abspath(path))
+
+
 def fsync_dir(directory: str | os.PathLike[str]) -> None:
     """Make a rename or a new file in ``directory`` durable by fsyncing the directory itself.
 

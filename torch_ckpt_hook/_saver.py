@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._checkpoint_file import load_checkpoint, write_checkpoint
 from ._errors import CheckpointSaveError
-from ._fsutil import remove_stray_temp_files
+from ._fsutil import path_key, remove_stray_temp_files
 from ._staging import stage_to_cpu
 from ._state_file import STATE_FILENAME, get_checkpoint_state, update_checkpoint_state
 
@@ -34,11 +34,6 @@ class SaveHandle:
         if self._error is not None:
             raise CheckpointSaveError(f"Saving {self._path} failed: {self._error}") from self._error
         return self._path
-
-
-def _path_key(path: str) -> str:
-    """One spelling per file: a path given relative and recovered absolute is the same entry."""
-    return os.path.normcase(os.path.abspath(path))
 
 
 def _check_max_to_keep(value: object) -> int | None:
@@ -181,8 +176,9 @@ class Saver:
 
         Every checkpoint over the limit is dropped at once (TensorFlow dropped one per save).
         """
-        key = _path_key(path)
-        self._last_checkpoints = [(p, t) for p, t in self._last_checkpoints if _path_key(p) != key]
+        # A path given relative and recovered absolute is one entry.
+        key = path_key(path)
+        self._last_checkpoints = [(p, t) for p, t in self._last_checkpoints if path_key(p) != key]
         self._last_checkpoints.append((path, time.time()))
         dropped: list[str] = []
         if not self._max_to_keep:

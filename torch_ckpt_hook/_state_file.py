@@ -21,7 +21,7 @@ import re
 import zipfile
 from collections.abc import Iterator, Sequence
 
-from ._fsutil import atomic_write, is_temp_file
+from ._fsutil import atomic_write, is_temp_file, same_path
 
 logger = logging.getLogger(__name__)
 
@@ -315,7 +315,7 @@ def update_checkpoint_state(
     state_path = _state_path(checkpoint_dir, latest_filename)
     if not model_checkpoint_path:
         raise ValueError("model_checkpoint_path must be a non-empty path, got ''")
-    if _same_path(state_path, model_checkpoint_path):
+    if same_path(state_path, model_checkpoint_path):
         raise RuntimeError(
             f"Save path '{model_checkpoint_path}' conflicts with path used for checkpoint state.  "
             "Please use a different save path."
@@ -329,10 +329,6 @@ def update_checkpoint_state(
         paths.append(model)
     data = format_checkpoint_state(model, paths).encode("ascii")
     atomic_write(state_path, lambda f: f.write(data))
-
-
-def _same_path(a: str, b: str) -> bool:
-    return os.path.normcase(os.path.abspath(a)) == os.path.normcase(os.path.abspath(b))
 
 
 def get_checkpoint_state(
