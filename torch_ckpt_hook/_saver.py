@@ -154,10 +154,9 @@ class Saver:
         if directory not in self._cleaned_dirs:
             remove_stray_temp_files(directory)
             self._cleaned_dirs.add(directory)
-        if directory not in self._recovered_dirs:
-            if not self._last_checkpoints:
-                self.recover_last_checkpoints_from(directory)
-            self._recovered_dirs.add(directory)
+        if directory not in self._recovered_dirs and not self._last_checkpoints:
+            self.recover_last_checkpoints_from(directory)
+        self._recovered_dirs.add(directory)
 
     def _commit(self, path: str, payload: dict[str, Any]) -> None:
         """Write the file, then the state file, then delete what retention dropped."""
