@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import torch_ckpt_hook
-from torch_ckpt_hook._checkpoint_file import load_checkpoint, write_checkpoint
+from torch_ckpt_hook._checkpoint_file import load_checkpoint, verify_checkpoint, write_checkpoint
 from torch_ckpt_hook._errors import CheckpointCorruptedError
 from torch_ckpt_hook._session import FORMAT_VERSION, Session
 
@@ -115,26 +115,25 @@ def test_load_of_truncated_file_raises_corrupted_error(tmp_path, keep):
     data = path.read_bytes()
     path.write_bytes(data[: int(len(data) * keep)])
 
-    with pytest.raises(CheckpointCorruptedError, match=f"Checkpoint {path} is corrupted") as info:
+    with pytest.raises(CheckpointCorruptedError, match=f"Checkpoint {path} is corrupted: trunc"):
         load_checkpoint(path)
-
-    assert info.value.__cause__ is not None
 
 
 def test_load_of_file_that_is_not_a_checkpoint_raises_corrupted_error(tmp_path):
     path = tmp_path / "model.ckpt-1"
-    path.write_text("model_checkpoint_path: 'this is a text file'\n")
+    path.write_text("model_checkpoint_path: 'this is a text file'\n" * 4)
 
     with pytest.raises(
         CheckpointCorruptedError,
-        match=f"Checkpoint {path} is corrupted or unreadable: it is not a torch.save zip archive",
+        match=f"Checkpoint {path} is corrupted: truncated or damaged: the checksum trailer",
     ):
         load_checkpoint(path)
 
 
 def test_crafted_pickle_is_refused_without_running_its_code(tmp_path):
     path = tmp_path / "model.ckpt-1"
-    torch.save({"format_version": 1, "evil": _AppendsToListWhenUnpickled()}, path)
+    # Written with a valid checksum, so only the weights_only unpickler stands in the way.
+    write_checkpoint(path, {"format_version": 1, "evil": _AppendsToListWhenUnpickled()})
     _CALLS.clear()
 
     with pytest.raises(
@@ -154,7 +153,9 @@ def test_crafted_pickle_is_refused_without_running_its_code(tmp_path):
 def test_crafted_pickle_calling_os_system_runs_no_command(tmp_path):
     path = tmp_path / "model.ckpt-1"
     marker = tmp_path / "pwned"
-    torch.save({"format_version": 1, "evil": _RunsShellCommandWhenUnpickled(str(marker))}, path)
+    write_checkpoint(
+        path, {"format_version": 1, "evil": _RunsShellCommandWhenUnpickled(str(marker))}
+    )
 
     with pytest.raises(
         CheckpointCorruptedError,
@@ -175,7 +176,7 @@ def test_crafted_pickle_calling_os_system_runs_no_command(tmp_path):
 )
 def test_load_of_file_without_payload_raises_corrupted_error(tmp_path, saved, what):
     path = tmp_path / "model.ckpt-1"
-    torch.save(saved, path)
+    write_checkpoint(path, saved)
 
     with pytest.raises(
         CheckpointCorruptedError,
@@ -204,3 +205,90 @@ def test_package_never_loads_with_weights_only_false():
     ]
 
     assert [] == offenders
+
+
+# -- integrity --------------------------------------------------------------------------------
+
+
+def test_verify_of_an_intact_checkpoint_finds_nothing_and_torch_load_reads_it(tmp_path):
+    path = tmp_path / "model.ckpt-3"
+    write_checkpoint(path, _payload(step=3))
+
+    assert verify_checkpoint(path) is None
+    # The checksum lives in the zip comment: the file is still a plain torch.save archive.
+    assert 3 == torch.load(path, weights_only=True)["global_step"]
+
+
+def test_every_flipped_byte_is_detected(tmp_path):
+    path = tmp_path / "model.ckpt-1"
+    write_checkpoint(path, _payload())
+    data = path.read_bytes()
+    # Every 7th byte, plus the first and last ones: the archive, its EOCD and the trailer.
+    positions = sorted({0, len(data) - 1, *range(0, len(data), 7)})
+    missed = []
+    for position in positions:
+        flipped = bytearray(data)
+        flipped[position] ^= 0x10
+        path.write_bytes(flipped)
+        if verify_checkpoint(path) is None:
+            missed.append(position)
+
+    assert [] == missed
+
+
+def test_load_of_a_file_with_a_flipped_bit_raises_checksum_mismatch(tmp_path):
+    path = tmp_path / "model.ckpt-1"
+    write_checkpoint(path, _payload())
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(data)
+
+    with pytest.raises(
+        CheckpointCorruptedError, match=f"Checkpoint {path} is corrupted: checksum mismatch"
+    ):
+        load_checkpoint(path)
+
+
+def test_a_plain_torch_save_file_has_no_checksum(tmp_path):
+    path = tmp_path / "model.ckpt-1"
+    torch.save(_payload(), path)
+
+    assert "no checksum: a plain torch.save archive" in (verify_checkpoint(path) or "")
+    with pytest.raises(CheckpointCorruptedError, match="no checksum"):
+        load_checkpoint(path)
+
+
+@pytest.mark.parametrize("name", ["missing", "dir"])
+def test_verify_reports_an_unreadable_path(tmp_path, name):
+    path = tmp_path / name
+    if name == "dir":
+        path.mkdir()
+
+    assert (verify_checkpoint(path) or "").startswith("unreadable: ")
+
+
+def test_checksum_writer_handles_writes_of_any_size(tmp_path):
+    from torch_ckpt_hook._integrity import ChecksumWriter
+
+    class OneByteAtATime:
+        def __init__(self, target: Any) -> None:
+            self.target = target
+
+        def write(self, data: Any) -> int:
+            for byte in bytes(data):
+                self.target.write(bytes([byte]))
+            return len(data)
+
+        def flush(self) -> None:
+            self.target.flush()
+
+    reference = tmp_path / "reference"
+    write_checkpoint(reference, _payload())
+    path = tmp_path / "model.ckpt-1"
+    with open(path, "wb") as f:
+        writer = ChecksumWriter(f)
+        torch.save(torch.load(reference, weights_only=True), OneByteAtATime(writer))  # type: ignore[arg-type]
+        writer.finish()
+
+    assert verify_checkpoint(path) is None
+    assert 3 == load_checkpoint(path)["global_step"]

@@ -31,6 +31,7 @@ EXPECTED = {
     "get_checkpoint_state",
     "latest_checkpoint",
     "load_checkpoint",
+    "verify_checkpoint",
 }
 
 

@@ -284,6 +284,24 @@ def test_creation_restores_the_newest_checkpoint_of_checkpoint_dir(tmp_path) -> 
     assert [] == init_calls, "init_fn does not run when a checkpoint was restored"
 
 
+def test_creation_skips_a_newest_checkpoint_with_a_flipped_bit_and_names_it(
+    tmp_path, caplog
+) -> None:  # type: ignore[no-untyped-def]
+    _save_at(tmp_path, 5, 0.5)
+    newest = _save_at(tmp_path, 9, 0.9)
+    with open(newest, "r+b") as f:
+        f.seek(os.path.getsize(newest) // 2)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0x04]))
+    model = _model()
+    with MonitoredSession(model, checkpoint_dir=str(tmp_path)) as sess:
+        assert 5 == sess.global_step
+    assert torch.all(model.weight == 0.5)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any(newest in m and "checksum mismatch" in m for m in warnings), warnings
+
+
 def test_creation_restores_checkpoint_filename_with_path(tmp_path) -> None:  # type: ignore[no-untyped-def]
     older = _save_at(tmp_path, 5, 0.5)
     _save_at(tmp_path, 9, 0.9)

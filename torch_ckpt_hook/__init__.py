@@ -1,7 +1,7 @@
 """TensorFlow's CheckpointSaverHook and MonitoredSession for hand-written PyTorch training loops."""
 
 from ._basic_hooks import LoggingTensorHook, NanTensorHook, StepCounterHook, StopAtStepHook
-from ._checkpoint_file import load_checkpoint
+from ._checkpoint_file import load_checkpoint, verify_checkpoint
 from ._checkpoint_hook import CheckpointSaverHook
 from ._errors import (
     CheckpointCorruptedError,
@@ -48,4 +48,5 @@ __all__ = [
     "get_checkpoint_state",
     "latest_checkpoint",
     "load_checkpoint",
+    "verify_checkpoint",
 ]

@@ -1,6 +1,7 @@
 """One checkpoint file on disk: a ``torch.save`` zip archive of the session's payload.
 
 Writes are atomic (``atomic_write``): a checkpoint is complete under its final name or absent.
+Every file carries a CRC32 of its bytes (``_integrity``), checked before anything is parsed.
 Reads always use ``torch.load(..., weights_only=True)``, which unpickles only tensors, containers
 and plain values, so a crafted file cannot run code; nothing in the package ever turns
 ``weights_only`` off.
@@ -19,6 +20,7 @@ import torch
 
 from ._errors import CheckpointCorruptedError
 from ._fsutil import atomic_write
+from ._integrity import save_with_checksum, verify
 
 logger = logging.getLogger(__name__)
 
@@ -27,8 +29,25 @@ if TYPE_CHECKING:
 
 
 def write_checkpoint(path: str | os.PathLike[str], payload: Mapping[str, Any]) -> None:
-    """Write ``payload`` to ``path`` durably: temporary file, fsync, rename, fsync of the dir."""
-    atomic_write(path, lambda f: torch.save(payload, f))
+    """Write ``payload`` to ``path`` durably: temporary file, fsync, rename, fsync of the dir.
+
+    The checksum is computed over the bytes as they are written, on the calling thread (the
+    background writer's, for an asynchronous save).
+    """
+    atomic_write(path, lambda f: save_with_checksum(payload, f))
+
+
+def verify_checkpoint(path: str | os.PathLike[str]) -> str | None:
+    """The problem found in the checkpoint at ``path``, or None when it is intact.
+
+    The problem is one line: truncated, checksum mismatch, no checksum trailer (a file not
+    written by this package), or unreadable (missing, a directory, no permission). Only the
+    checksum is checked; nothing is unpickled.
+    """
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        return "unreadable: it is a directory, not a file"
+    return verify(path)
 
 
 def load_checkpoint(
@@ -40,7 +59,8 @@ def load_checkpoint(
         ValueError: ``path`` does not exist or is a directory, or ``map_location`` names no device.
         CheckpointCorruptedError: the file cannot be loaded (truncated, not a ``torch.save``
             archive, or holding objects ``weights_only`` refuses), or it holds no checkpoint
-            payload. The loader's error is the ``__cause__``.
+            payload, or its checksum does not match (a flipped bit, a truncation). The loader's
+            error is the ``__cause__``.
     """
     path = os.fspath(path)
     if not os.path.exists(path):
@@ -50,7 +70,13 @@ def load_checkpoint(
             f"The passed save_path is not a valid checkpoint: {path} is a directory, not a file"
         )
     _check_map_location(map_location)
-    # Integrity verification (checksums) belongs here, before torch parses a single byte.
+    problem = verify(path)
+    if problem is not None:
+        if problem.startswith("unreadable"):
+            # Permission and I/O errors are the OSErrors they are, not damage to the file.
+            with open(path, "rb"):
+                pass
+        raise CheckpointCorruptedError(f"Checkpoint {path} is corrupted: {problem}")
     return _as_payload(path, _read_payload(path, map_location))
 
 

@@ -1,0 +1,133 @@
+"""A whole-file CRC32 carried in the checkpoint's zip comment, computed while the file is written.
+
+``torch.save`` writes a zip archive whose last 22 bytes are the end-of-central-directory record
+(EOCD); its last two bytes give the length of an archive comment that follows it, normally 0.
+``ChecksumWriter`` streams the archive through ``zlib.crc32`` as ``torch.save`` writes it, holds
+the EOCD back, sets its comment length, and appends a fixed-size comment::
+
+    torch_ckpt_hook crc32=<8 hex> size=<16 hex>
+
+The CRC covers every byte before the comment (the patched EOCD included); ``size`` is how many
+bytes that is. A zip comment is part of the format, so ``torch.load`` reads the file unchanged,
+while ``verify`` detects truncation (the trailer is gone or ``size`` disagrees with the file) and
+any flipped bit (the CRC disagrees), which ``torch.load`` does not: it ignores the CRC32s that
+``torch.save`` stores per record.
+
+CRC32 because it is the fastest check in the standard library (about 4 GB/s here, against 1.4
+for SHA-256 and 0.8 for BLAKE2b; see the benchmark), it releases the GIL on large buffers, and
+it detects every burst error up to 32 bits: the goal is catching damage, not tampering.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import zlib
+from typing import Any, BinaryIO
+
+import torch
+
+_EOCD_SIGNATURE = b"PK\x05\x06"
+_EOCD_SIZE = 22
+_TRAILER = re.compile(rb"torch_ckpt_hook crc32=([0-9a-f]{8}) size=([0-9a-f]{16})")
+TRAILER_SIZE = len(b"torch_ckpt_hook crc32=00000000 size=0000000000000000")
+_CHUNK = 8 << 20
+
+
+class ChecksumWriter:
+    """A write-only file wrapper that CRCs what passes through it; ``finish`` adds the trailer."""
+
+    def __init__(self, file: BinaryIO) -> None:
+        self._file = file
+        self._crc = 0
+        self._size = 0
+        # The last bytes written so far: the EOCD once torch.save is done.
+        self._held = b""
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        n = len(view)
+        if n >= _EOCD_SIZE:
+            self._emit(self._held)
+            self._emit(view[: n - _EOCD_SIZE])
+            self._held = bytes(view[n - _EOCD_SIZE :])
+        else:
+            held = self._held + bytes(view)
+            if len(held) > _EOCD_SIZE:
+                self._emit(held[:-_EOCD_SIZE])
+                held = held[-_EOCD_SIZE:]
+            self._held = held
+        return n
+
+    def flush(self) -> None:
+        self._file.flush()
+
+    def finish(self) -> None:
+        """Write the held-back EOCD with its comment length set, then the checksum trailer."""
+        eocd = self._held
+        if len(eocd) != _EOCD_SIZE or not eocd.startswith(_EOCD_SIGNATURE) or eocd[-2:] != b"\0\0":
+            raise ValueError("torch.save did not end its archive with a comment-less EOCD record")
+        self._emit(eocd[:-2] + TRAILER_SIZE.to_bytes(2, "little"))
+        self._held = b""
+        trailer = b"torch_ckpt_hook crc32=%08x size=%016x" % (self._crc, self._size)
+        self._file.write(trailer)
+
+    def _emit(self, data: bytes | memoryview) -> None:
+        if not data:
+            return
+        self._crc = zlib.crc32(data, self._crc)
+        self._size += len(data)
+        self._file.write(data)
+
+
+def save_with_checksum(obj: Any, file: BinaryIO) -> None:
+    """``torch.save(obj, file)`` followed by the checksum trailer."""
+    writer = ChecksumWriter(file)
+    torch.save(obj, writer)  # type: ignore[arg-type]  # a duck-typed binary writer
+    writer.finish()
+
+
+def verify(path: str | os.PathLike[str]) -> str | None:
+    """The problem found in the file at ``path``, or None when its checksum holds."""
+    try:
+        with open(path, "rb") as f:
+            return _verify_open_file(f, os.fstat(f.fileno()).st_size)
+    except OSError as err:
+        return f"unreadable: {err.strerror or err}"
+
+
+def _verify_open_file(f: BinaryIO, size: int) -> str | None:
+    if size < _EOCD_SIZE + TRAILER_SIZE:
+        return f"truncated: {size} bytes is too short for a checkpoint"
+    f.seek(size - TRAILER_SIZE)
+    match = _TRAILER.fullmatch(f.read(TRAILER_SIZE))
+    if match is None:
+        f.seek(size - _EOCD_SIZE)
+        eocd = f.read(_EOCD_SIZE)
+        if eocd.startswith(_EOCD_SIGNATURE) and eocd[-2:] == b"\0\0":
+            return "no checksum: a plain torch.save archive, not written by torch_ckpt_hook"
+        return "truncated or damaged: the checksum trailer at its end is missing"
+    stored_crc, covered = int(match[1], 16), int(match[2], 16)
+    if covered != size - TRAILER_SIZE:
+        return (
+            f"truncated or damaged: its trailer covers {covered} bytes, "
+            f"the file holds {size - TRAILER_SIZE} before it"
+        )
+    f.seek(covered - _EOCD_SIZE)
+    eocd = f.read(_EOCD_SIZE)
+    if not eocd.startswith(_EOCD_SIGNATURE) or eocd[-2:] != TRAILER_SIZE.to_bytes(2, "little"):
+        return "damaged: the zip end-of-archive record before its trailer is not intact"
+    f.seek(0)
+    crc = 0
+    buffer = bytearray(_CHUNK)
+    view = memoryview(buffer)
+    remaining = covered
+    while remaining:
+        n = f.readinto(view[: min(remaining, _CHUNK)])
+        if not n:
+            return f"truncated: the file ended {remaining} bytes early while being read"
+        crc = zlib.crc32(view[:n], crc)
+        remaining -= n
+    if crc != stored_crc:
+        return f"checksum mismatch: stored crc32 {stored_crc:08x}, computed {crc:08x}"
+    return None
