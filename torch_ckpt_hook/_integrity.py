@@ -20,6 +20,7 @@ it detects every burst error up to 32 bits: the goal is catching damage, not tam
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import zlib
@@ -96,7 +97,7 @@ def verify(path: str | os.PathLike[str]) -> str | None:
         return f"unreadable: {err.strerror or err}"
 
 
-def _verify_open_file(f: BinaryIO, size: int) -> str | None:
+def _verify_open_file(f: io.BufferedReader, size: int) -> str | None:
     if size < _EOCD_SIZE + TRAILER_SIZE:
         return f"truncated: {size} bytes is too short for a checkpoint"
     f.seek(size - TRAILER_SIZE)
