@@ -153,6 +153,9 @@ class DeferredHandle:
     def done(self) -> bool:
         return self.released
 
+    def wait(self, timeout: float | None = None) -> None:
+        self.released = True
+
     def result(self) -> str:
         self.released = True
         return self.path
@@ -187,9 +190,9 @@ class DeferredSaver(Saver):
         for handle in self.handles:
             handle.release()
 
-    def wait_until_finished(self) -> None:
+    def wait_until_finished(self, timeout: float | None = None) -> None:
         self.release_all()
-        super().wait_until_finished()
+        super().wait_until_finished(timeout)
 
 
 def _model_and_optimizer() -> tuple[torch.nn.Module, torch.optim.Optimizer]:

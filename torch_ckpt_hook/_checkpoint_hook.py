@@ -182,10 +182,17 @@ class CheckpointSaverHook(SessionRunHook):
     # -- saving ------------------------------------------------------------------------------
 
     def wait_until_finished(self) -> None:
-        """Block until every save is durable, then run the listeners' pending ``after_save``."""
-        self._get_saver().wait_until_finished()
+        """Block until every save is durable, then run the listeners' pending ``after_save``.
+
+        A failed save raises ``CheckpointSaveError`` (once), after the ``after_save`` calls of
+        the saves before it. Waiting is bounded by the saver's ``drain_timeout_secs``.
+        """
+        saver = self._get_saver()
+        for pending in self._pending:
+            pending.handle.wait(saver.drain_timeout_secs)
         if self._session is not None:
             self._poll(self._session)
+        saver.wait_until_finished()
 
     def _get_saver(self) -> Saver:
         if self._saver is not None:

@@ -44,6 +44,8 @@ class ChecksumWriter:
         self._size = 0
         # The last bytes written so far: the EOCD once torch.save is done.
         self._held = b""
+        # The first OSError of the underlying file (ENOSPC, EFBIG, EIO), for save_with_checksum.
+        self.error: OSError | None = None
 
     def write(self, data: Any) -> int:
         view = memoryview(data).cast("B")
@@ -78,13 +80,24 @@ class ChecksumWriter:
             return
         self._crc = zlib.crc32(data, self._crc)
         self._size += len(data)
-        self._file.write(data)
+        try:
+            self._file.write(data)
+        except OSError as err:
+            # torch.save's C++ writer turns this into "unexpected pos": keep it to re-raise.
+            self.error = err
+            raise
 
 
 def save_with_checksum(obj: Any, file: BinaryIO) -> None:
     """``torch.save(obj, file)`` followed by the checksum trailer."""
     writer = ChecksumWriter(file)
-    torch.save(obj, writer)  # type: ignore[arg-type]  # a duck-typed binary writer
+    try:
+        torch.save(obj, writer)  # type: ignore[arg-type]  # a duck-typed binary writer
+    except Exception as err:
+        # Report the disk's error (ENOSPC, EFBIG), not torch's "unexpected pos" that hides it.
+        if writer.error is not None:
+            raise writer.error from err
+        raise
     writer.finish()
 
 

@@ -4,36 +4,23 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from ._checkpoint_file import load_checkpoint, write_checkpoint
-from ._errors import CheckpointSaveError
 from ._fsutil import path_key, remove_stray_temp_files
-from ._staging import stage_to_cpu
+from ._staging import StagingArea
 from ._state_file import STATE_FILENAME, get_checkpoint_state, update_checkpoint_state
+from ._writer import SaveHandle, start_write
 
 if TYPE_CHECKING:
+    from ._copy_engine import Fence
     from ._session import Session
 
 logger = logging.getLogger(__name__)
-
-
-class SaveHandle:
-    """A save in progress: ``done()`` says whether it finished, ``result()`` waits for its path."""
-
-    def __init__(self, path: str, error: BaseException | None = None) -> None:
-        self._path = path
-        self._error = error
-
-    def done(self) -> bool:
-        return True
-
-    def result(self) -> str:
-        """The checkpoint's path once durable; a failure re-raises as ``CheckpointSaveError``."""
-        if self._error is not None:
-            raise CheckpointSaveError(f"Saving {self._path} failed: {self._error}") from self._error
-        return self._path
 
 
 def _check_max_to_keep(value: object) -> int | None:
@@ -42,6 +29,25 @@ def _check_max_to_keep(value: object) -> int | None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError(f"max_to_keep must be None or an int >= 0, got {value!r}")
     return value
+
+
+def _check_timeout(value: object) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"drain_timeout_secs must be None or a number > 0, got {value!r}")
+    return float(value)
+
+
+def _on_device(obj: Any) -> bool:
+    """Whether ``obj`` (a nested state dict) holds a tensor that is not on the CPU."""
+    if isinstance(obj, torch.Tensor):
+        return obj.device.type != "cpu"
+    if isinstance(obj, dict):
+        return any(_on_device(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return any(_on_device(v) for v in obj)
+    return False
 
 
 def _check_hours(value: object) -> float:
@@ -53,29 +59,51 @@ def _check_hours(value: object) -> float:
 class Saver:
     """Writes checkpoints with ``torch.save``, keeps the ``checkpoint`` state file, prunes old ones.
 
-    A save commits the file (temporary name, fsync, rename, directory fsync), then the state file
-    the same way, and only then deletes the checkpoints that retention drops: at every instant the
-    state file names complete checkpoints. ``max_to_keep`` of ``None`` or ``0`` keeps and lists
-    every checkpoint. A popped checkpoint younger than the keep-every-N-hours threshold is deleted;
-    an older one stays on disk (unlisted) and moves the threshold N hours on, as in TensorFlow.
+    A save stages the session's state into reused host buffers on the calling thread (a memcpy on
+    the CPU, side-stream copies on CUDA), then a writer thread waits for the copies and commits:
+    the file (temporary name, fsync, rename, directory fsync), then the state file the same way,
+    and only then deletes the checkpoints that retention drops. At every instant the state file
+    names complete checkpoints. At most one save is in flight: a save requested while one is
+    still being written waits for it, with a warning.
+
+    ``max_to_keep`` of ``None`` or ``0`` keeps and lists every checkpoint. A popped checkpoint
+    younger than the keep-every-N-hours threshold is deleted; an older one stays on disk
+    (unlisted) and moves the threshold N hours on, as in TensorFlow. ``drain_timeout_secs``
+    bounds how long ``wait_until_finished()`` (and so a runner's close) and a save waiting for the
+    previous one block; ``None`` waits as long as the write takes.
     """
 
     def __init__(
-        self, max_to_keep: int | None = 5, keep_checkpoint_every_n_hours: float = 10000.0
+        self,
+        max_to_keep: int | None = 5,
+        keep_checkpoint_every_n_hours: float = 10000.0,
+        *,
+        drain_timeout_secs: float | None = 1800.0,
     ) -> None:
         self._max_to_keep = _check_max_to_keep(max_to_keep)
         self._keep_every_secs = _check_hours(keep_checkpoint_every_n_hours) * 3600.0
+        self._drain_timeout = _check_timeout(drain_timeout_secs)
         self._next_checkpoint_time = time.time() + self._keep_every_secs
-        # (path, save time), oldest first.
+        # (path, save time), oldest first; the writer thread appends, so reads take the lock.
         self._last_checkpoints: list[tuple[str, float]] = []
+        self._lock = threading.Lock()
         # Directories whose stray temporary files were removed, and whose list was adopted.
         self._cleaned_dirs: set[str] = set()
         self._recovered_dirs: set[str] = set()
+        self._staging = StagingArea()
+        # Saves not yet known to be fine: the one in flight, and failures nobody was told of.
+        self._handles: list[SaveHandle] = []
+
+    @property
+    def drain_timeout_secs(self) -> float | None:
+        """How long waiting for an in-flight save may block before it is an error."""
+        return self._drain_timeout
 
     @property
     def last_checkpoints(self) -> list[str]:
         """The checkpoints this saver manages, oldest first."""
-        return [path for path, _ in self._last_checkpoints]
+        with self._lock:
+            return [path for path, _ in self._last_checkpoints]
 
     def save(
         self,
@@ -87,25 +115,45 @@ class Saver:
     ) -> Any:
         """Write ``session``'s state to ``f"{save_path}-{global_step}"`` (or ``save_path``).
 
-        Returns the checkpoint's path, or with ``blocking=False`` a handle whose ``result()`` is
-        that path. ``global_step`` only names the file: the payload holds ``session.global_step``.
+        Returns the checkpoint's path, or with ``blocking=False`` a handle (``done()``,
+        ``result()``) as soon as the state is staged; the write goes on in the background.
+        ``global_step`` only names the file: the payload holds ``session.global_step``.
+
+        Raises:
+            ValueError: the parent directory of the checkpoint does not exist.
+            CheckpointSaveError: (blocking) the write failed; the original error is the cause.
+                Also when the previous save is still being written after ``drain_timeout_secs``.
         """
         path = self._checkpoint_path(save_path, global_step)
         directory = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(directory):
             raise ValueError(f"Parent directory of {path} doesn't exist, can't save.")
+        self._wait_for_previous(path)
         self._open_directory(directory)
-        payload = stage_to_cpu(session.state_dict())
-        try:
-            self._commit(path, payload)
-        except Exception as err:
-            if blocking:
-                raise CheckpointSaveError(f"Saving {path} failed: {err}") from err
-            return SaveHandle(path, err)
-        return path if blocking else SaveHandle(path)
+        state = session.state_dict()
+        coarse = _on_device(state["extra_state"])
+        payload, fence = self._staging.stage(state)
+        if fence.on_device:
+            session._protect_until_copied(fence, coarse=coarse)
+        handle = start_write(path, lambda: self._write(path, payload, fence))
+        self._handles = [h for h in self._handles if h.failed() and not h.reported]
+        self._handles.append(handle)
+        return handle.result() if blocking else handle
 
-    def wait_until_finished(self) -> None:
-        """Block until every pending save is durable (saves are synchronous for now)."""
+    def wait_until_finished(self, timeout: float | None = None) -> None:
+        """Block until every pending save is durable.
+
+        ``timeout`` defaults to ``drain_timeout_secs``.
+
+        Raises:
+            CheckpointSaveError: a save failed and no handle has reported it yet (each failure
+                is raised once), or a save is still being written after the timeout.
+        """
+        timeout = self._drain_timeout if timeout is None else timeout
+        for handle in list(self._handles):
+            if not (handle.failed() and handle.reported):
+                handle.result(timeout)
+        self._handles = [h for h in self._handles if not h.done()]
 
     def restore(self, session: Session, save_path: str) -> None:
         """Load the checkpoint at ``save_path`` into ``session``."""
@@ -125,7 +173,8 @@ class Saver:
                 recovered.append((path, os.path.getmtime(path)))
             except OSError:
                 logger.warning("Checkpoint %s is missing; it is no longer managed.", path)
-        self._last_checkpoints = recovered
+        with self._lock:
+            self._last_checkpoints = recovered
 
     def recover_last_checkpoints_from(self, checkpoint_dir: str) -> None:
         """Adopt the list in ``checkpoint_dir``'s state file (a restart resumes retention)."""
@@ -149,14 +198,37 @@ class Saver:
             raise TypeError(f"global_step must be an int or None, got {global_step!r}")
         return f"{save_path}-{global_step}"
 
+    def _wait_for_previous(self, path: str) -> None:
+        """At most one save in flight: the staging buffers are the previous save's until then."""
+        in_flight = [h for h in self._handles if not h.done()]
+        if not in_flight:
+            return
+        logger.warning(
+            "Saving %s waits for the previous save (%s), which is still being written: the "
+            "save interval is shorter than a save takes.",
+            path,
+            in_flight[0].path,
+        )
+        for handle in in_flight:
+            handle.wait(self._drain_timeout)
+
     def _open_directory(self, directory: str) -> None:
         """On the first save into a directory: clean up after a killed save, adopt its list."""
         if directory not in self._cleaned_dirs:
             remove_stray_temp_files(directory)
             self._cleaned_dirs.add(directory)
-        if directory not in self._recovered_dirs and not self._last_checkpoints:
+        if directory not in self._recovered_dirs and not self.last_checkpoints:
             self.recover_last_checkpoints_from(directory)
         self._recovered_dirs.add(directory)
+
+    def _write(self, path: str, payload: dict[str, Any], fence: Fence) -> None:
+        """The writer thread's part: wait for the staging copies, then commit."""
+        try:
+            fence.wait_on_host()
+            self._commit(path, payload)
+        except BaseException as err:
+            logger.error("Saving %s failed: %s", path, err)
+            raise
 
     def _commit(self, path: str, payload: dict[str, Any]) -> None:
         """Write the file, then the state file, then delete what retention dropped."""
@@ -164,7 +236,7 @@ class Saver:
         dropped = self._record(path)
         directory = os.path.dirname(os.path.abspath(path))
         listed = [
-            p for p, _ in self._last_checkpoints if os.path.dirname(os.path.abspath(p)) == directory
+            p for p in self.last_checkpoints if os.path.dirname(os.path.abspath(p)) == directory
         ]
         update_checkpoint_state(directory, path, listed or [path])
         for old in dropped:
@@ -177,18 +249,18 @@ class Saver:
         """
         # A path given relative and recovered absolute is one entry.
         key = path_key(path)
-        self._last_checkpoints = [(p, t) for p, t in self._last_checkpoints if path_key(p) != key]
-        self._last_checkpoints.append((path, time.time()))
-        dropped: list[str] = []
-        if not self._max_to_keep:
-            return dropped
-        while len(self._last_checkpoints) > self._max_to_keep:
-            old, saved_at = self._last_checkpoints.pop(0)
-            if saved_at > self._next_checkpoint_time:
-                self._next_checkpoint_time += self._keep_every_secs
-                logger.info("Keeping %s (keep_checkpoint_every_n_hours).", old)
-            else:
-                dropped.append(old)
+        with self._lock:
+            kept = [(p, t) for p, t in self._last_checkpoints if path_key(p) != key]
+            kept.append((path, time.time()))
+            dropped: list[str] = []
+            while self._max_to_keep and len(kept) > self._max_to_keep:
+                old, saved_at = kept.pop(0)
+                if saved_at > self._next_checkpoint_time:
+                    self._next_checkpoint_time += self._keep_every_secs
+                    logger.info("Keeping %s (keep_checkpoint_every_n_hours).", old)
+                else:
+                    dropped.append(old)
+            self._last_checkpoints = kept
         return dropped
 
     @staticmethod

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable, Mapping
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
+from ._inplace_guard import InplaceGuard
 from ._rng import get_rng_state, set_rng_state
+
+if TYPE_CHECKING:
+    from ._copy_engine import Fence
 
 FORMAT_VERSION = 1
 PAYLOAD_KEYS = ("format_version", "global_step", "model", "optimizer", "extra_state", "rng")
@@ -78,6 +82,8 @@ class Session:
         self._step_hook: Any = None
         # The checkpoint the state came from, set by Saver.restore; any other load clears it.
         self._restored_from: str | None = None
+        # Holds the next in-place update of a saved tensor until its staging copy has read it.
+        self._guard = InplaceGuard(model, optimizer)
         if optimizer is not None:
             # A weak reference: the optimizer must not keep a dropped session alive.
             ref = weakref.ref(self)
@@ -116,6 +122,7 @@ class Session:
 
     def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Call ``fn(*args, **kwargs)`` with no hooks and return its value."""
+        self._guard.before_step()
         value = fn(*args, **kwargs)
         if self._optimizer is None:
             self._global_step += 1
@@ -123,6 +130,7 @@ class Session:
 
     def close(self) -> None:
         """Stop counting the optimizer's steps (idempotent); the runners call it on close."""
+        self._guard.close()
         if self._step_hook is not None:
             self._step_hook.remove()
             self._step_hook = None
@@ -147,6 +155,7 @@ class Session:
         The payload is checked before anything is changed.
         """
         self._check_payload(state_dict)
+        self._guard.settle()
         self._restored_from = None
         self._model.load_state_dict(state_dict["model"])
         if self._optimizer is not None:
@@ -155,6 +164,10 @@ class Session:
             obj.load_state_dict(state_dict["extra_state"][name])
         self._global_step = state_dict["global_step"]
         set_rng_state(state_dict["rng"])
+
+    def _protect_until_copied(self, fence: Fence, *, coarse: bool) -> None:
+        """Make the next in-place update of a saved tensor wait on the device for ``fence``."""
+        self._guard.arm(fence, coarse=coarse)
 
     def _check_payload(self, sd: Mapping[str, Any]) -> None:
         if not isinstance(sd, Mapping):

@@ -1,0 +1,400 @@
+"""Asynchronous saves: staged snapshots, one background writer, failures, draining, memory.
+
+A gate in front of the file write holds the writer thread where a test needs it, so the tests
+see "the save is staged but not yet written" deterministically, without timing assumptions.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import pathlib
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+from conftest import make_train_step
+
+import torch_ckpt_hook._saver as saver_module
+from torch_ckpt_hook import (
+    CheckpointSaveError,
+    CheckpointSaverHook,
+    CheckpointSaverListener,
+    MonitoredTrainingSession,
+    Saver,
+    Session,
+    get_checkpoint_state,
+    load_checkpoint,
+    verify_checkpoint,
+)
+from torch_ckpt_hook._fsutil import is_temp_file
+
+
+class WriteGate:
+    """Holds every write until ``open()``; counts writes and how many ran at once."""
+
+    def __init__(self, write: Any) -> None:
+        self._write = write
+        self._open = threading.Event()
+        self._lock = threading.Lock()
+        self.waiting = threading.Event()
+        self.running = 0
+        self.max_running = 0
+        self.writes: list[str] = []
+        # Which writes the gate holds (the others pass straight through).
+        self.holds = lambda path: True
+
+    def open(self) -> None:
+        self._open.set()
+
+    def __call__(self, path: Any, payload: Any) -> None:
+        if not self.holds(os.fspath(path)):
+            self._write(path, payload)
+            self.writes.append(os.fspath(path))
+            return
+        with self._lock:
+            self.running += 1
+            self.max_running = max(self.max_running, self.running)
+        try:
+            self.waiting.set()
+            assert self._open.wait(30), "the test never opened the gate"
+            self._write(path, payload)
+            self.writes.append(os.fspath(path))
+        finally:
+            with self._lock:
+                self.running -= 1
+
+
+@pytest.fixture
+def gate(monkeypatch: pytest.MonkeyPatch) -> Iterator[WriteGate]:
+    gate = WriteGate(saver_module.write_checkpoint)
+    monkeypatch.setattr(saver_module, "write_checkpoint", gate)
+    yield gate
+    gate.open()  # never leave a writer thread parked
+
+
+def _writer_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("torch_ckpt_hook-writer")]
+
+
+def _bn_model_and_adamw() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(3, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 1)
+    )
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
+    make_train_step(model, optimizer)()
+    return model, optimizer
+
+
+def _clone_state(session: Session) -> dict[str, Any]:
+    def clone(obj: Any) -> Any:
+        if isinstance(obj, torch.Tensor):
+            return obj.detach().clone()
+        if isinstance(obj, dict):
+            return {k: clone(v) for k, v in obj.items()}
+        return obj
+
+    return {
+        "model": clone(session.model.state_dict()),
+        "optimizer": clone(session.optimizer.state_dict()),
+    }  # type: ignore[union-attr]
+
+
+def _assert_same_tensors(expected: Any, actual: Any, where: str = "") -> None:
+    if isinstance(expected, torch.Tensor):
+        assert torch.equal(expected, actual), where
+    elif isinstance(expected, dict):
+        assert set(expected) == set(actual), where
+        for key in expected:
+            _assert_same_tensors(expected[key], actual[key], f"{where}/{key}")
+
+
+# -- snapshot consistency -----------------------------------------------------------------------
+
+
+def test_the_file_holds_the_state_at_the_call_whatever_training_does_next(tmp_path, gate) -> None:  # type: ignore[no-untyped-def]
+    model, optimizer = _bn_model_and_adamw()
+    session = Session(model, optimizer)
+    before = _clone_state(session)
+
+    handle = Saver().save(session, str(tmp_path / "model.ckpt"), 1, blocking=False)
+    # Everything a training loop can touch, changed in place while the write is held back.
+    with torch.no_grad():
+        for tensor in model.state_dict().values():
+            tensor.add_(1) if tensor.is_floating_point() else tensor.fill_(99)
+        for state in optimizer.state.values():
+            for tensor in state.values():
+                tensor.mul_(-3).add_(5)
+    make_train_step(model, optimizer)()
+    gate.open()
+
+    payload = load_checkpoint(handle.result(30))
+    _assert_same_tensors(before["model"], payload["model"], "model")
+    _assert_same_tensors(before["optimizer"]["state"], payload["optimizer"]["state"], "optimizer")
+
+
+# -- the writer -----------------------------------------------------------------------------------
+
+
+def test_a_save_returns_once_staged_and_the_handle_reports_when_durable(tmp_path, gate) -> None:  # type: ignore[no-untyped-def]
+    session = Session(torch.nn.Linear(2, 2))
+    handle = Saver().save(session, str(tmp_path / "model.ckpt"), 3, blocking=False)
+    assert gate.waiting.wait(30)
+    assert not handle.done()
+    assert get_checkpoint_state(str(tmp_path)) is None
+
+    gate.open()
+    path = handle.result(30)
+
+    assert handle.done()
+    assert str(tmp_path / "model.ckpt-3") == path
+    assert verify_checkpoint(path) is None
+    assert path == get_checkpoint_state(str(tmp_path)).model_checkpoint_path  # type: ignore[union-attr]
+
+
+class OpenGateOnWarning(logging.Handler):
+    """Opens the gate when the saver warns that a save waits: the training thread is then
+    about to block on the first save, and only this release lets it go on."""
+
+    def __init__(self, gate: WriteGate) -> None:
+        super().__init__(logging.WARNING)
+        self.gate = gate
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+        self.gate.open()
+
+
+def test_a_slow_writer_lets_training_go_on_and_the_next_trigger_waits_with_a_warning(
+    tmp_path: pathlib.Path, gate: WriteGate
+) -> None:
+    model, optimizer = _bn_model_and_adamw()
+    step = make_train_step(model, optimizer)
+    opener = OpenGateOnWarning(gate)
+    logging.getLogger("torch_ckpt_hook._saver").addHandler(opener)
+    try:
+        with MonitoredTrainingSession(
+            model, optimizer, checkpoint_dir=str(tmp_path), save_checkpoint_steps=2
+        ) as sess:
+            assert gate.waiting.wait(30)  # the save made at creation is held by the gate
+            sess.run(step)
+            assert 1 == sess.global_step, "training went on while the save was being written"
+            assert get_checkpoint_state(str(tmp_path)) is None, "and nothing is committed yet"
+            sess.run(step)  # step 2 triggers: it must wait for the save of step 0
+    finally:
+        logging.getLogger("torch_ckpt_hook._saver").removeHandler(opener)
+
+    assert 1 == len(opener.messages)
+    assert "save interval is shorter than a save takes" in opener.messages[0]
+    assert [str(tmp_path / f"model.ckpt-{n}") for n in (0, 2)] == gate.writes
+    assert 1 == gate.max_running, "at most one save in flight"
+    assert [] == _writer_threads()
+
+
+def test_an_enospc_partway_surfaces_at_the_next_hook_call_and_loses_nothing(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model, optimizer = _bn_model_and_adamw()
+    step = make_train_step(model, optimizer)
+    real_write = saver_module.write_checkpoint
+    failing = threading.Event()
+
+    class DiskFull:
+        def __init__(self, file: Any) -> None:
+            self.file, self.written = file, 0
+
+        def write(self, data: Any) -> int:
+            if self.written > 200:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            self.written += len(data)
+            return int(self.file.write(data))
+
+        def flush(self) -> None:
+            self.file.flush()
+
+    def write(path: Any, payload: Any) -> None:
+        if not failing.is_set():
+            return real_write(path, payload)
+        failing.clear()  # one failed save; the ones after it find space again
+        from torch_ckpt_hook._fsutil import atomic_write
+        from torch_ckpt_hook._integrity import save_with_checksum
+
+        atomic_write(path, lambda f: save_with_checksum(payload, DiskFull(f)))  # type: ignore[arg-type]
+
+    monkeypatch.setattr(saver_module, "write_checkpoint", write)
+    hook = CheckpointSaverHook(str(tmp_path), save_steps=1)
+    with MonitoredTrainingSession(model, optimizer, hooks=[hook]) as sess:
+        sess.run(step)
+        hook.wait_until_finished()
+        failing.set()
+        # The save of step 2 fails on the writer thread: the error surfaces in this run's
+        # after_run when the writer is quick, else at the next hook call.
+        with pytest.raises(CheckpointSaveError, match=r"model\.ckpt-2 failed: OSError") as info:  # noqa: PT012
+            sess.run(step)
+            sess.run(step)
+        assert isinstance(info.value.__cause__, OSError)
+        assert errno.ENOSPC == info.value.__cause__.errno
+        sess.run(step)  # the user caught it: training and saving go on
+
+    state = get_checkpoint_state(str(tmp_path))
+    assert state is not None
+    names = [os.path.basename(p) for p in state.all_model_checkpoint_paths]
+    assert "model.ckpt-2" not in names
+    assert {"model.ckpt-0", "model.ckpt-1"} <= set(names)
+    for path in state.all_model_checkpoint_paths:
+        assert verify_checkpoint(path) is None, path
+    assert not (tmp_path / "model.ckpt-2").exists()
+    assert [] == [p for p in os.listdir(tmp_path) if is_temp_file(p)]
+
+
+def test_a_failure_is_raised_once_by_wait_until_finished_and_always_by_its_handle(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def fail(path: Any, payload: Any) -> None:
+        raise OSError(errno.EIO, "I/O error")
+
+    monkeypatch.setattr(saver_module, "write_checkpoint", fail)
+    saver = Saver()
+    handle = saver.save(Session(torch.nn.Linear(1, 1)), str(tmp_path / "m"), 1, blocking=False)
+    with pytest.raises(CheckpointSaveError, match=r"Saving .*m-1 failed: OSError") as info:
+        saver.wait_until_finished()
+    assert isinstance(info.value.__cause__, OSError)
+    saver.wait_until_finished()  # reported once
+    with pytest.raises(CheckpointSaveError):
+        handle.result()
+    with pytest.raises(CheckpointSaveError, match="m-2 failed"):
+        saver.save(Session(torch.nn.Linear(1, 1)), str(tmp_path / "m"), 2)  # blocking
+
+
+def test_an_exception_exit_still_commits_the_staged_save_and_leaves_no_thread(
+    tmp_path: pathlib.Path, gate: WriteGate
+) -> None:
+    model, optimizer = _bn_model_and_adamw()
+    step = make_train_step(model, optimizer)
+    gate.holds = lambda path: path.endswith("-1")
+    with (  # noqa: PT012
+        pytest.raises(KeyError, match="boom"),
+        MonitoredTrainingSession(
+            model, optimizer, checkpoint_dir=str(tmp_path), save_checkpoint_steps=1
+        ) as sess,
+    ):
+        sess.run(step)
+        assert gate.waiting.wait(30)
+        # Released only after the exit began: without the drain, the checks below would run first.
+        threading.Timer(0.2, gate.open).start()
+        raise KeyError("boom")
+
+    state = get_checkpoint_state(str(tmp_path))
+    assert state is not None
+    assert str(tmp_path / "model.ckpt-1") == state.model_checkpoint_path
+    assert 1 == load_checkpoint(state.model_checkpoint_path)["global_step"]
+    assert [] == _writer_threads()
+
+
+def test_close_gives_up_after_the_drain_timeout_with_a_clear_error(
+    tmp_path: pathlib.Path, gate: WriteGate
+) -> None:
+    model = torch.nn.Linear(1, 1)
+    hook = CheckpointSaverHook(str(tmp_path), save_steps=100, saver=Saver(drain_timeout_secs=0.05))
+    with (
+        pytest.raises(CheckpointSaveError, match=r"did not finish within 0\.05 s"),
+        MonitoredTrainingSession(model, hooks=[hook]),
+    ):
+        pass
+    assert get_checkpoint_state(str(tmp_path)) is None, "nothing half-committed"
+    gate.open()
+    for thread in _writer_threads():
+        thread.join(30)
+    assert str(tmp_path / "model.ckpt-0") == latest_or_none(tmp_path)
+
+
+def latest_or_none(directory: pathlib.Path) -> str | None:
+    state = get_checkpoint_state(str(directory))
+    return None if state is None else state.model_checkpoint_path
+
+
+# -- listeners ------------------------------------------------------------------------------------
+
+
+class TimingListener(CheckpointSaverListener):
+    def __init__(self, model: torch.nn.Module, log: list[tuple[str, int, bool]]) -> None:
+        self.model = model
+        self.log = log
+        self.stop_after: int | None = None
+
+    def before_save(self, session: Any, global_step_value: int) -> None:
+        on_main = threading.current_thread() is threading.main_thread()
+        self.log.append(("before_save", global_step_value, on_main))
+        # Staging comes after before_save: this change must be in the checkpoint.
+        with torch.no_grad():
+            self.model.weight.fill_(float(global_step_value))
+
+    def after_save(self, session: Any, global_step_value: int) -> bool:
+        on_main = threading.current_thread() is threading.main_thread()
+        self.log.append(("after_save", global_step_value, on_main))
+        return global_step_value == self.stop_after
+
+
+def test_listeners_run_on_the_training_thread_before_staging_and_after_durable(
+    tmp_path: pathlib.Path, gate: WriteGate
+) -> None:
+    model = torch.nn.Linear(3, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    step = make_train_step(model, optimizer)
+    log: list[tuple[str, int, bool]] = []
+    listener = TimingListener(model, log)
+    listener.stop_after = 1
+    hook = CheckpointSaverHook(str(tmp_path), save_steps=1, listeners=[listener])
+    with MonitoredTrainingSession(model, optimizer, hooks=[hook]) as sess:
+        assert [("before_save", 0, True)] == log, "after_save waits for the file"
+        gate.open()
+        hook.wait_until_finished()
+        assert ("after_save", 0, True) == log[-1]
+        sess.run(step)  # saves step 1; after_save(1) asks to stop
+        while not sess.should_stop():
+            sess.run(step)
+
+    assert ("after_save", 1, True) in log
+    assert all(on_main for _, _, on_main in log)
+    assert 0.0 == load_checkpoint(str(tmp_path / "model.ckpt-0"))["model"]["weight"].unique().item()
+    assert 1.0 == load_checkpoint(str(tmp_path / "model.ckpt-1"))["model"]["weight"].unique().item()
+
+
+# -- memory ---------------------------------------------------------------------------------------
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs Linux /proc")
+def test_fifty_saves_keep_resident_memory_flat(tmp_path: pathlib.Path) -> None:
+    model = torch.nn.Sequential(
+        torch.nn.Linear(3, 512),
+        *(torch.nn.Linear(512, 512) for _ in range(3)),
+        torch.nn.Linear(512, 1),
+    )
+    optimizer = torch.optim.AdamW(model.parameters())  # ~3 MB of parameters, 10 MB of payload
+    step = make_train_step(model, optimizer)
+    payload_bytes = 3 * sum(p.numel() * p.element_size() for p in model.parameters())
+    saver = Saver(max_to_keep=2)
+    session = Session(model, optimizer)
+    samples = []
+    for n in range(50):
+        step()
+        saver.save(session, str(tmp_path / "model.ckpt"), n, blocking=False)
+        if n in (9, 49):
+            saver.wait_until_finished()
+            samples.append(_rss_bytes())
+    saver.wait_until_finished()
+
+    growth = samples[1] - samples[0]
+    # One payload of growth would mean a leaked copy every ~40 saves; a leak per save, 40.
+    assert growth < payload_bytes / 2, f"RSS grew {growth / 2**20:.1f} MiB over 40 saves"
+    assert saver._staging.nbytes <= payload_bytes + 65536  # + step counters and RNG states
