@@ -398,3 +398,52 @@ def test_fifty_saves_keep_resident_memory_flat(tmp_path: pathlib.Path) -> None:
     # One payload of growth would mean a leaked copy every ~40 saves; a leak per save, 40.
     assert growth < payload_bytes / 2, f"RSS grew {growth / 2**20:.1f} MiB over 40 saves"
     assert saver._staging.nbytes <= payload_bytes + 65536  # + step counters and RNG states
+
+
+def test_a_failure_seen_by_the_hook_is_not_raised_again_at_close(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def fail(path: Any, payload: Any) -> None:
+        raise OSError(errno.EIO, "I/O error")
+
+    model = torch.nn.Linear(3, 1)
+    hook = CheckpointSaverHook(str(tmp_path), save_steps=100)
+    sess = MonitoredTrainingSession(model, hooks=[hook])
+    hook.wait_until_finished()  # the save made at creation is durable
+    monkeypatch.setattr(saver_module, "write_checkpoint", fail)
+    sess.run(lambda: None)
+    with pytest.raises(CheckpointSaveError, match=r"model\.ckpt-1 failed"):
+        sess.close()  # end() saves step 1, which fails: raised by end(), not again by the drain
+    # The failure was raised once; closing again is the usual "closed twice" error, not it.
+    with pytest.raises(RuntimeError, match="closed"):
+        sess.close()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_cuda_the_file_holds_the_state_at_the_call_while_training_goes_on(
+    tmp_path: pathlib.Path,
+) -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(256, 1024), torch.nn.BatchNorm1d(1024), torch.nn.Linear(1024, 1)
+    ).cuda()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    inputs = torch.randn(64, 256, device="cuda")
+
+    def step() -> None:
+        optimizer.zero_grad()
+        model(inputs).square().mean().backward()
+        optimizer.step()  # in place: parameters, BatchNorm buffers (in forward), AdamW state
+
+    step()
+    session = Session(model, optimizer)
+    torch.cuda.synchronize()
+    before = _clone_state(session)
+    handle = Saver().save(session, str(tmp_path / "model.ckpt"), 1, blocking=False)
+    for _ in range(5):
+        session.run(step)  # enqueued right away: the guard orders it after the copies
+    payload = load_checkpoint(handle.result(60))
+    _assert_same_tensors(before["model"], payload["model"], "model")
+    _assert_same_tensors(before["optimizer"]["state"], payload["optimizer"]["state"], "optimizer")
+    after = _clone_state(session)
+    assert not torch.equal(after["model"]["0.weight"], before["model"]["0.weight"])
