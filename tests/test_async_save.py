@@ -447,3 +447,19 @@ def test_on_cuda_the_file_holds_the_state_at_the_call_while_training_goes_on(
     _assert_same_tensors(before["optimizer"]["state"], payload["optimizer"]["state"], "optimizer")
     after = _clone_state(session)
     assert not torch.equal(after["model"]["0.weight"], before["model"]["0.weight"])
+
+
+def test_a_checkpoints_age_counts_from_the_save_call_not_from_its_commit(
+    tmp_path: pathlib.Path, gate: WriteGate, clock: Any
+) -> None:
+    saver = Saver(max_to_keep=1, keep_checkpoint_every_n_hours=1)  # keeps one older than 1 h
+    session = Session(torch.nn.Linear(1, 1))
+    clock.advance(1800)
+    first = saver.save(session, str(tmp_path / "model.ckpt"), 1, blocking=False)
+    clock.advance(5400)  # the write is slow: it commits 2 h after the saver was made
+    gate.open()
+    first.result(30)
+    saver.save(session, str(tmp_path / "model.ckpt"), 2)
+
+    # Saved 30 min in, younger than the 1 h mark: deleted, not kept as an hourly checkpoint.
+    assert not (tmp_path / "model.ckpt-1").exists()

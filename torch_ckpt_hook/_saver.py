@@ -135,7 +135,8 @@ class Saver:
         payload, fence = self._staging.stage(state)
         if fence.on_device:
             session._protect_until_copied(fence, coarse=coarse)
-        handle = start_write(path, lambda: self._write(path, payload, fence))
+        saved_at = time.time()  # the save's time is the call's, as in TensorFlow
+        handle = start_write(path, lambda: self._write(path, payload, fence, saved_at))
         self._handles = [h for h in self._handles if h.failed() and not h.reported]
         self._handles.append(handle)
         return handle.result() if blocking else handle
@@ -221,19 +222,19 @@ class Saver:
             self.recover_last_checkpoints_from(directory)
         self._recovered_dirs.add(directory)
 
-    def _write(self, path: str, payload: dict[str, Any], fence: Fence) -> None:
+    def _write(self, path: str, payload: dict[str, Any], fence: Fence, saved_at: float) -> None:
         """The writer thread's part: wait for the staging copies, then commit."""
         try:
             fence.wait_on_host()
-            self._commit(path, payload)
+            self._commit(path, payload, saved_at)
         except BaseException as err:
             logger.error("Saving %s failed: %s", path, err)
             raise
 
-    def _commit(self, path: str, payload: dict[str, Any]) -> None:
+    def _commit(self, path: str, payload: dict[str, Any], saved_at: float) -> None:
         """Write the file, then the state file, then delete what retention dropped."""
         write_checkpoint(path, payload)
-        dropped = self._record(path)
+        dropped = self._record(path, saved_at)
         directory = os.path.dirname(os.path.abspath(path))
         listed = [
             p for p in self.last_checkpoints if os.path.dirname(os.path.abspath(p)) == directory
@@ -242,7 +243,7 @@ class Saver:
         for old in dropped:
             self._delete(old)
 
-    def _record(self, path: str) -> list[str]:
+    def _record(self, path: str, saved_at: float) -> list[str]:
         """Append ``path`` to the managed list; return the paths over ``max_to_keep`` to delete.
 
         Every checkpoint over the limit is dropped at once (TensorFlow dropped one per save).
@@ -251,11 +252,11 @@ class Saver:
         key = path_key(path)
         with self._lock:
             kept = [(p, t) for p, t in self._last_checkpoints if path_key(p) != key]
-            kept.append((path, time.time()))
+            kept.append((path, saved_at))
             dropped: list[str] = []
             while self._max_to_keep and len(kept) > self._max_to_keep:
-                old, saved_at = kept.pop(0)
-                if saved_at > self._next_checkpoint_time:
+                old, old_saved_at = kept.pop(0)
+                if old_saved_at > self._next_checkpoint_time:
                     self._next_checkpoint_time += self._keep_every_secs
                     logger.info("Keeping %s (keep_checkpoint_every_n_hours).", old)
                 else:
