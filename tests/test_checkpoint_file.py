@@ -292,3 +292,19 @@ def test_checksum_writer_handles_writes_of_any_size(tmp_path):
 
     assert verify_checkpoint(path) is None
     assert 3 == load_checkpoint(path)["global_step"]
+
+
+def test_torch_skips_its_record_crcs_for_our_saves_only(tmp_path):
+    import zipfile
+
+    ours = tmp_path / "model.ckpt-1"
+    write_checkpoint(ours, _payload())
+    plain = tmp_path / "plain.pt"
+    torch.save(_payload(), plain)
+
+    # Our file: one whole-file CRC, torch's per-record CRCs skipped (torch.load never reads them).
+    assert {0} == {info.CRC for info in zipfile.ZipFile(ours).infolist() if info.file_size}
+    # Everyone else's torch.save is unchanged, on this thread as on any other.
+    assert torch.serialization.get_crc32_options()
+    assert zipfile.ZipFile(plain).testzip() is None
+    assert all(info.CRC for info in zipfile.ZipFile(plain).infolist() if info.file_size)
