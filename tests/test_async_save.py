@@ -10,6 +10,7 @@ import errno
 import logging
 import os
 import pathlib
+import sys
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -463,3 +464,18 @@ def test_a_checkpoints_age_counts_from_the_save_call_not_from_its_commit(
 
     # Saved 30 min in, younger than the 1 h mark: deleted, not kept as an hourly checkpoint.
     assert not (tmp_path / "model.ckpt-1").exists()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice is Linux's")
+def test_the_writer_thread_runs_at_a_lower_cpu_priority_than_training(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[int] = []
+
+    def write(path: Any, payload: Any) -> None:
+        seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+
+    monkeypatch.setattr(saver_module, "write_checkpoint", write)
+    Saver().save(Session(torch.nn.Linear(1, 1)), str(tmp_path / "m"), 1)
+    training = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    assert [min(19, training + 10)] == seen

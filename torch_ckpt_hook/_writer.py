@@ -4,10 +4,17 @@ A ``Saver`` has at most one save in flight, so it has at most one writer thread.
 started for a save and ends when that save is durable (or failed): there is no pool to shut down,
 and no writer thread outlives the save it was started for. It is not a daemon, so an interpreter
 that exits with a save in flight finishes (or cleanly abandons) it first.
+
+Where the platform allows it (Linux, where the nice value is per thread), the writer thread runs
+at a lower CPU priority than training: when the two compete for cores, the step loop wins and
+the write takes longer, never the other way around.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
 import threading
 from collections.abc import Callable
 from concurrent import futures
@@ -72,6 +79,19 @@ def _describe(err: BaseException) -> str:
     return f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
 
 
+# How much nicer than training the writer thread runs (0 to 19; 10 is `nice`'s default).
+WRITER_NICENESS = 10
+
+
+def _lower_this_threads_priority() -> None:
+    if not sys.platform.startswith("linux"):
+        return  # elsewhere the nice value is the whole process's
+    tid = threading.get_native_id()
+    with contextlib.suppress(OSError):  # best effort: a sandbox may refuse
+        nice = os.getpriority(os.PRIO_PROCESS, tid)
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, nice + WRITER_NICENESS))
+
+
 def start_write(path: str, write: Callable[[], None]) -> SaveHandle:
     """Run ``write()`` on a new writer thread; the handle reports its outcome for ``path``."""
     future: Future[str] = Future()
@@ -79,6 +99,7 @@ def start_write(path: str, write: Callable[[], None]) -> SaveHandle:
 
     def run() -> None:
         try:
+            _lower_this_threads_priority()
             write()
         except BaseException as err:
             # BaseException: whatever ends the write must reach the training thread.
