@@ -166,6 +166,17 @@ def test_crafted_pickle_calling_os_system_runs_no_command(tmp_path):
     assert not marker.exists()
 
 
+def test_the_refusal_never_advises_allowlisting_the_refused_global(tmp_path):
+    path = tmp_path / "model.ckpt-1"
+    write_checkpoint(path, {"format_version": 1, "evil": _AppendsToListWhenUnpickled()})
+
+    with pytest.raises(CheckpointCorruptedError) as info:
+        load_checkpoint(path)
+
+    assert "add_safe_globals" not in str(info.value)
+    assert "safe_globals" not in str(info.value)
+
+
 @pytest.mark.parametrize(
     ("saved", "what"),
     [

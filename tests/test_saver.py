@@ -656,3 +656,19 @@ def test_a_failed_non_blocking_save_raises_from_result(tmp_path: Path) -> None:
     assert excinfo.value.__cause__ is not None
     assert set() == _files(tmp_path) - {"checkpoint"}
     assert [] == saver.last_checkpoints
+
+
+def test_a_checkpoint_deleted_behind_the_savers_back_is_never_named_in_the_state_file(
+    tmp_path: Path,
+) -> None:
+    save = Saver(max_to_keep=None)
+    session = _session()
+    s1, s2, s3 = (str(tmp_path / name) for name in ("s1", "s2", "s3"))
+    save.save(session, s1)
+    save.save(session, s2)
+    os.remove(s1)
+
+    save.save(session, s3)
+
+    assert _state("s3", "s2", "s3") == _state_text(tmp_path)
+    assert [s1, s2, s3] == save.last_checkpoints, "the saver's own list is TensorFlow's"

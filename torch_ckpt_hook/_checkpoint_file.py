@@ -117,6 +117,9 @@ def _describe(err: Exception) -> str:
         # torch's message leads with advice to turn weights_only off, which is never the fix
         # here; the refused global ("GLOBAL posix.system") is further down.
         detail = next((line for line in lines[1:] if "GLOBAL" in line), None)
+        if detail is not None:
+            # And the advice to allowlist the refused global (exec, os.system) goes too.
+            detail = detail.split(" Please use", 1)[0]
         refused = "weights_only loading refused an object it holds"
         return f"{refused}: {detail}" if detail else refused
     return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import tempfile
@@ -9,6 +10,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from ._errors import CheckpointSaveError
 from ._fsutil import same_path
 from ._hooks import SessionRunContext, SessionRunHook, SessionRunValues
 from ._listeners import CheckpointSaverListener
@@ -210,6 +212,16 @@ class CheckpointSaverHook(SessionRunHook):
         for listener in self._listeners:
             listener.before_save(session, step)
         logger.info("Saving checkpoints for %d into %s.", step, self._save_path)
+        if not os.path.isdir(self._checkpoint_dir):
+            # Deleted under the running hook: a failed save like any other, which the loop can
+            # catch and train on (saves resume once the directory is back).
+            missing = FileNotFoundError(
+                errno.ENOENT, os.strerror(errno.ENOENT), self._checkpoint_dir
+            )
+            raise CheckpointSaveError(
+                f"Saving {self._checkpoint_path(step)} failed: checkpoint_dir "
+                f"{self._checkpoint_dir!r} no longer exists"
+            ) from missing
         handle = self._get_saver().save(session, self._save_path, global_step=step, blocking=False)
         self._pending.append(_PendingSave(handle, step, may_stop))
         if not self._async_save:

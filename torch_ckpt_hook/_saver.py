@@ -239,6 +239,9 @@ class Saver:
         listed = [
             p for p in self.last_checkpoints if os.path.dirname(os.path.abspath(p)) == directory
         ]
+        # A managed file deleted behind the saver's back (by a user, with its directory) stays in
+        # the saver's list, as in TensorFlow, but the state file only ever names existing files.
+        listed = [p for p in listed if p == path or os.path.exists(p)]
         update_checkpoint_state(directory, path, listed or [path])
         for old in dropped:
             self._delete(old)
