@@ -16,6 +16,7 @@ EXPECTED = {
     "MonitoredTrainingSession",
     "NanLossDuringTrainingError",
     "NanTensorHook",
+    "ProgressBarHook",
     "Saver",
     "Scaffold",
     "SecondOrStepTimer",

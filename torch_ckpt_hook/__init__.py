@@ -12,6 +12,7 @@ from ._errors import (
 from ._hooks import SessionRunArgs, SessionRunContext, SessionRunHook, SessionRunValues
 from ._listeners import CheckpointSaverListener
 from ._monitored import MonitoredSession, SingularMonitoredSession
+from ._progress import ProgressBarHook
 from ._saver import Saver
 from ._scaffold import Scaffold
 from ._session import Session
@@ -33,6 +34,7 @@ __all__ = [
     "MonitoredTrainingSession",
     "NanLossDuringTrainingError",
     "NanTensorHook",
+    "ProgressBarHook",
     "Saver",
     "Scaffold",
     "SecondOrStepTimer",

@@ -1,0 +1,99 @@
+"""The demo job: trains, checkpoints, resumes from the latest checkpoint, and says so."""
+
+from __future__ import annotations
+
+import io
+import pathlib
+
+import pytest
+import torch
+
+import torch_ckpt_hook as tch
+from torch_ckpt_hook._demo import batch_for_step, run_demo
+
+
+def test_demo_trains_then_resumes_from_the_latest_checkpoint(tmp_path: pathlib.Path) -> None:
+    directory = str(tmp_path)
+    out = io.StringIO()
+
+    first = run_demo(directory, 12, save_every=5, out=out)
+
+    assert (0, 12, None) == (first.start_step, first.final_step, first.restored_from)
+    assert (
+        f"{directory}/model.ckpt-12" == first.latest_checkpoint == tch.latest_checkpoint(directory)
+    )
+    assert [0, 5, 10, 12] == sorted(
+        int(p.name.rsplit("-", 1)[1]) for p in tmp_path.glob("model.ckpt-*")
+    )
+    lines = out.getvalue().splitlines()
+    assert f"No checkpoint in {directory}: training from step 0 to 12." == lines[0]
+    assert lines[1].startswith("Trained steps 0 -> 12 in ")
+    assert f"Latest checkpoint: {directory}/model.ckpt-12" == lines[-1]
+
+    out = io.StringIO()
+    second = run_demo(directory, 20, save_every=5, out=out)
+
+    assert (12, 20) == (second.start_step, second.final_step)
+    assert f"{directory}/model.ckpt-12" == second.restored_from
+    lines = out.getvalue().splitlines()
+    assert f"Resumed from {directory}/model.ckpt-12 at step 12" == lines[0]
+    assert lines[1].startswith("Trained steps 12 -> 20 in ")
+    assert 20 == tch.load_checkpoint(f"{directory}/model.ckpt-20")["global_step"]
+
+
+def test_resumed_demo_ends_with_the_weights_of_a_straight_run(tmp_path: pathlib.Path) -> None:
+    run_demo(str(tmp_path / "resumed"), 6, save_every=100, out=io.StringIO())
+    run_demo(str(tmp_path / "resumed"), 10, save_every=100, out=io.StringIO())
+    run_demo(str(tmp_path / "straight"), 10, save_every=100, out=io.StringIO())
+
+    resumed = tch.load_checkpoint(tmp_path / "resumed" / "model.ckpt-10")
+    straight = tch.load_checkpoint(tmp_path / "straight" / "model.ckpt-10")
+    for name, tensor in straight["model"].items():
+        assert torch.equal(tensor, resumed["model"][name]), name
+
+
+def test_demo_with_nothing_to_do_trains_no_step(tmp_path: pathlib.Path) -> None:
+    run_demo(str(tmp_path), 5, out=io.StringIO())
+    out = io.StringIO()
+
+    result = run_demo(str(tmp_path), 3, out=out)
+
+    assert (5, 5, None) == (result.start_step, result.final_step, result.loss)
+    assert (
+        "Nothing to do: the checkpoint is at step 5 and --steps is 3; "
+        "pass a larger --steps to train on."
+    ) == out.getvalue().splitlines()[1]
+    assert not (tmp_path / "model.ckpt-6").exists()
+
+
+def test_demo_leaves_the_thread_count_as_it_found_it(tmp_path: pathlib.Path) -> None:
+    threads = torch.get_num_threads()
+
+    run_demo(str(tmp_path), 2, out=io.StringIO())
+
+    assert threads == torch.get_num_threads()
+
+
+def test_batches_depend_only_on_the_step() -> None:
+    torch.manual_seed(123)
+    first = batch_for_step(7)
+    torch.manual_seed(456)
+    again = batch_for_step(7)
+
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+    assert not torch.equal(first[0], batch_for_step(8)[0])
+
+
+@pytest.mark.parametrize(
+    ("steps", "save_every", "message"),
+    [
+        (0, 10, "steps must be a positive int, got 0"),
+        (10, 0, "save_every must be a positive int, got 0"),
+        (True, 10, "steps must be a positive int, got True"),
+    ],
+)
+def test_demo_arguments_are_checked(
+    tmp_path: pathlib.Path, steps: int, save_every: int, message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        run_demo(str(tmp_path), steps, save_every=save_every, out=io.StringIO())

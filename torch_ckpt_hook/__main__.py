@@ -1,0 +1,5 @@
+"""``python -m torch_ckpt_hook``: the ``torch-ckpt`` command."""
+
+from ._cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,226 @@
+"""The ``torch-ckpt demo`` job: a small model trained with checkpoints, that resumes when rerun.
+
+Step N's batch is drawn from a generator seeded with N, so the data depends only on the global
+step: a run stopped at step 300 and resumed to 400 sees the batches a straight run to 400 sees,
+and (with the RNG states the checkpoint carries) ends with the same weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib
+import logging
+import os
+import signal
+import tempfile
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, TextIO
+
+import torch
+
+from ._basic_hooks import NanTensorHook, StopAtStepHook
+from ._hooks import SessionRunHook
+from ._progress import ProgressBarHook
+from ._state_file import latest_checkpoint
+from ._training import MonitoredTrainingSession
+
+if TYPE_CHECKING:
+    from ._coordinator import Coordinator
+    from ._session import Session
+
+DEFAULT_DIR = os.path.join(tempfile.gettempdir(), "torch-ckpt-demo")
+DEFAULT_STEPS = 300
+DEFAULT_SAVE_EVERY = 100
+
+_SEED = 0
+_FEATURES = 16
+_HIDDEN = 64
+_BATCH = 64
+_LR = 3e-3
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoResult:
+    """What one demo run did."""
+
+    start_step: int
+    """The global step it started from: 0, or the restored checkpoint's."""
+    final_step: int
+    restored_from: str | None
+    """The checkpoint it resumed from, or None when it started from scratch."""
+    seconds: float
+    """Wall time of the training loop, session creation and the final save included."""
+    loss: float | None
+    """The last step's loss, or None when it trained no step."""
+    latest_checkpoint: str | None
+
+
+def make_model() -> torch.nn.Module:
+    torch.manual_seed(_SEED)
+    return torch.nn.Sequential(
+        torch.nn.Linear(_FEATURES, _HIDDEN),
+        torch.nn.ReLU(),
+        torch.nn.Linear(_HIDDEN, _HIDDEN),
+        torch.nn.ReLU(),
+        torch.nn.Linear(_HIDDEN, 1),
+    )
+
+
+def batch_for_step(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step ``step``'s batch: inputs, and targets from a fixed nonlinear function of them."""
+    teacher = torch.Generator().manual_seed(_SEED)
+    linear = torch.randn(_FEATURES, 1, generator=teacher)
+    bend = torch.randn(_FEATURES, 1, generator=teacher) / 4
+    inputs = torch.randn(_BATCH, _FEATURES, generator=torch.Generator().manual_seed(step))
+    return inputs, inputs @ linear + torch.sin(inputs @ bend)
+
+
+class _StartReporter(SessionRunHook):
+    """Says where training starts: ``Session.restored_from`` is what a hook sees of the restore.
+
+    A chief-only hook, so it runs before the checkpoint hook's creation save and its message
+    comes first.
+    """
+
+    def __init__(self, checkpoint_dir: str, steps: int, out: TextIO) -> None:
+        self._checkpoint_dir = checkpoint_dir
+        self._steps = steps
+        self._out = out
+        self.restored_from: str | None = None
+        self.start_step = 0
+        self._created = False
+
+    def after_create_session(self, session: Session, coord: Coordinator) -> None:
+        if self._created:  # a recovery, not the start
+            return
+        self._created = True
+        self.restored_from = session.restored_from
+        self.start_step = step = session.global_step
+        if self.restored_from is None:
+            self._out.write(
+                f"No checkpoint in {self._checkpoint_dir}: training from step 0 to {self._steps}.\n"
+            )
+        else:
+            self._out.write(f"Resumed from {self.restored_from} at step {step}\n")
+        if step >= self._steps:
+            self._out.write(
+                f"Nothing to do: the checkpoint is at step {step} and --steps is "
+                f"{self._steps}; pass a larger --steps to train on.\n"
+            )
+        self._out.flush()
+
+
+def run_demo(
+    checkpoint_dir: str,
+    steps: int,
+    *,
+    save_every: int = DEFAULT_SAVE_EVERY,
+    out: TextIO,
+) -> DemoResult:
+    """Train to global step ``steps``, checkpointing into ``checkpoint_dir`` every ``save_every``.
+
+    Messages for the user go to ``out``; progress goes to a ``ProgressBarHook``. Ctrl-C (and
+    SIGTERM) stops after the current step and writes a final checkpoint, so a rerun resumes.
+    """
+    for name, value in (("steps", steps), ("save_every", save_every)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    # The model is far too small for intra-op threads: syncing them costs more than they save,
+    # ten times more on a busy 2-core machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _train(checkpoint_dir, steps, save_every, out)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(checkpoint_dir: str, steps: int, save_every: int, out: TextIO) -> DemoResult:
+    model = make_model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=_LR)
+
+    def train_step(inputs: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+        loss = torch.nn.functional.mse_loss(model(inputs), targets)
+        optimizer.zero_grad()
+        loss.backward()  # type: ignore[no-untyped-call]
+        optimizer.step()
+        return {"loss": loss.detach()}
+
+    start = _StartReporter(checkpoint_dir, steps, out)
+    hooks = [StopAtStepHook(last_step=steps), NanTensorHook("loss"), ProgressBarHook(steps)]
+    losses: list[float] = []
+    began = time.perf_counter()
+    with MonitoredTrainingSession(
+        model,
+        optimizer,
+        checkpoint_dir=checkpoint_dir,
+        save_checkpoint_steps=save_every,
+        log_step_count_steps=save_every,
+        hooks=hooks,
+        chief_only_hooks=[start],
+        stop_on_signals=(signal.SIGTERM, signal.SIGINT),
+    ) as sess:
+        # Checked here, not left to StopAtStepHook: as in TensorFlow, it would run one step.
+        if sess.global_step < steps:
+            while not sess.should_stop():
+                result = sess.run(train_step, *batch_for_step(sess.global_step))
+                losses.append(result["loss"].item())
+    seconds = time.perf_counter() - began
+    final = sess.global_step
+    latest = latest_checkpoint(checkpoint_dir)
+    if losses:
+        out.write(
+            f"Trained steps {start.start_step} -> {final} in {seconds:.1f} s "
+            f"({len(losses) / seconds:.0f} steps/s); loss {losses[0]:.4g} -> {losses[-1]:.4g}.\n"
+        )
+    if final < steps:
+        out.write(f"Stopped at step {final} of {steps}: run the same command again to resume.\n")
+    out.write(f"Latest checkpoint: {latest}\n")
+    return DemoResult(
+        start_step=start.start_step,
+        final_step=final,
+        restored_from=start.restored_from,
+        seconds=seconds,
+        loss=losses[-1] if losses else None,
+        latest_checkpoint=latest,
+    )
+
+
+@contextlib.contextmanager
+def demo_logging(stream: TextIO) -> Iterator[None]:
+    """Show the package's INFO lines (saves, steps/s) for the demo, through tqdm when present."""
+    package_logger = logging.getLogger(__package__)
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    handler.addFilter(_quiet_demo_lines)
+    level = package_logger.level
+    package_logger.addHandler(handler)
+    package_logger.setLevel(logging.INFO)
+    try:
+        with _redirect_through_tqdm(package_logger):
+            yield
+    finally:
+        package_logger.removeHandler(handler)
+        package_logger.setLevel(level)
+
+
+def _quiet_demo_lines(record: logging.LogRecord) -> bool:
+    # TensorFlow's listener lines say nothing when, as in the demo, there is no listener.
+    return not str(record.msg).startswith(_QUIET_PREFIXES)
+
+
+_QUIET_PREFIXES = ("Calling checkpoint listeners", "Create CheckpointSaverHook")
+
+
+@contextlib.contextmanager
+def _redirect_through_tqdm(target: logging.Logger) -> Iterator[None]:
+    # Log lines written under a live bar would tear it; tqdm's redirect writes them above it.
+    try:
+        redirect = importlib.import_module("tqdm.contrib.logging").logging_redirect_tqdm
+    except ImportError:
+        yield
+        return
+    with redirect(loggers=[target]):
+        yield
