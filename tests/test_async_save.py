@@ -158,7 +158,7 @@ def test_a_save_returns_once_staged_and_the_handle_reports_when_durable(tmp_path
 
 
 class OpenGateOnWarning(logging.Handler):
-    """Opens the gate when the saver warns that a save waits: the training thread is then
+    """Opens the gate when the package warns that a save waits: the training thread is then
     about to block on the first save, and only this release lets it go on."""
 
     def __init__(self, gate: WriteGate) -> None:
@@ -177,7 +177,7 @@ def test_a_slow_writer_lets_training_go_on_and_the_next_trigger_waits_with_a_war
     model, optimizer = _bn_model_and_adamw()
     step = make_train_step(model, optimizer)
     opener = OpenGateOnWarning(gate)
-    logging.getLogger("torch_ckpt_hook._saver").addHandler(opener)
+    logging.getLogger("torch_ckpt_hook").addHandler(opener)
     try:
         with MonitoredTrainingSession(
             model, optimizer, checkpoint_dir=str(tmp_path), save_checkpoint_steps=2
@@ -188,7 +188,7 @@ def test_a_slow_writer_lets_training_go_on_and_the_next_trigger_waits_with_a_war
             assert get_checkpoint_state(str(tmp_path)) is None, "and nothing is committed yet"
             sess.run(step)  # step 2 triggers: it must wait for the save of step 0
     finally:
-        logging.getLogger("torch_ckpt_hook._saver").removeHandler(opener)
+        logging.getLogger("torch_ckpt_hook").removeHandler(opener)
 
     assert 1 == len(opener.messages)
     assert "save interval is shorter than a save takes" in opener.messages[0]
@@ -479,3 +479,40 @@ def test_the_writer_thread_runs_at_a_lower_cpu_priority_than_training(
     Saver().save(Session(torch.nn.Linear(1, 1)), str(tmp_path / "m"), 1)
     training = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
     assert [min(19, training + 10)] == seen
+
+
+class OrderListener(CheckpointSaverListener):
+    def __init__(self, directory: pathlib.Path) -> None:
+        self.directory = directory
+        self.calls: list[str] = []
+
+    def before_save(self, session: Any, global_step_value: int) -> None:
+        self.calls.append(f"before {global_step_value}")
+
+    def after_save(self, session: Any, global_step_value: int) -> None:
+        self.calls.append(f"after {global_step_value}")
+        # The checkpoint after_save announces must still be there (max_to_keep=1).
+        assert (self.directory / f"model.ckpt-{global_step_value}").exists()
+
+
+def test_with_a_slow_writer_listener_calls_stay_paired_and_see_their_checkpoint(
+    tmp_path: pathlib.Path, gate: WriteGate
+) -> None:
+    model, optimizer = _bn_model_and_adamw()
+    step = make_train_step(model, optimizer)
+    listener = OrderListener(tmp_path)
+    opener = OpenGateOnWarning(gate)
+    hook = CheckpointSaverHook(
+        str(tmp_path), save_steps=1, saver=Saver(max_to_keep=1), listeners=[listener]
+    )
+    logging.getLogger("torch_ckpt_hook").addHandler(opener)
+    try:
+        with MonitoredTrainingSession(model, optimizer, hooks=[hook]) as sess:
+            sess.run(step)  # triggers while the save of step 0 is held: waits, then pairs
+            sess.run(step)
+    finally:
+        logging.getLogger("torch_ckpt_hook").removeHandler(opener)
+
+    assert [
+        "before 0", "after 0", "before 1", "after 1", "before 2", "after 2"
+    ] == listener.calls  # fmt: skip

@@ -1031,34 +1031,47 @@ def test_async_after_save_runs_at_the_first_hook_call_after_the_save_is_durable(
 ) -> None:
     saver = DeferredSaver()
     listener = MockListener()
-    hook = CheckpointSaverHook(str(tmp_path), save_steps=1, saver=saver, listeners=[listener])
+    hook = CheckpointSaverHook(str(tmp_path), save_steps=2, saver=saver, listeners=[listener])
     hook.begin()
     sess = HookedSession(hook)
     sess.create()
     assert [0] == listener.before_save_steps
     assert [] == listener.after_save_steps
-    sess.run()  # step 1 staged; step 0 still in flight
-    assert [0, 1] == listener.before_save_steps
+    sess.run()  # step 1: no trigger, and step 0 is still in flight
     assert [] == listener.after_save_steps
     saver.release_all()
-    sess.run()  # before_run sees 0 and 1 durable; step 2 is staged
-    assert [0, 1] == listener.after_save_steps
-    assert [0, 1, 2] == listener.before_save_steps
+    sess.run()  # before_run sees step 0 durable; step 2 is staged
+    assert [0] == listener.after_save_steps
+    assert [0, 2] == listener.before_save_steps
 
 
-def test_wait_until_finished_runs_pending_after_save_calls(tmp_path: pathlib.Path) -> None:
+def test_a_trigger_while_a_save_is_in_flight_finishes_it_first_so_calls_stay_paired(
+    tmp_path: pathlib.Path,
+) -> None:
     saver = DeferredSaver()
     listener = MockListener()
     hook = CheckpointSaverHook(str(tmp_path), save_steps=1, saver=saver, listeners=[listener])
     hook.begin()
     sess = HookedSession(hook)
     sess.create()
+    sess.run()  # step 1 triggers while step 0 is in flight: 0 completes, then 1 is staged
+    assert [0] == listener.after_save_steps
+    assert [0, 1] == listener.before_save_steps
+
+
+def test_wait_until_finished_runs_pending_after_save_calls(tmp_path: pathlib.Path) -> None:
+    saver = DeferredSaver()
+    listener = MockListener()
+    hook = CheckpointSaverHook(str(tmp_path), save_steps=2, saver=saver, listeners=[listener])
+    hook.begin()
+    sess = HookedSession(hook)
+    sess.create()
     sess.run()
     assert [] == listener.after_save_steps
     hook.wait_until_finished()
-    assert [0, 1] == listener.after_save_steps
+    assert [0] == listener.after_save_steps
     hook.wait_until_finished()
-    assert [0, 1] == listener.after_save_steps
+    assert [0] == listener.after_save_steps
 
 
 def test_an_async_stop_request_outside_after_run_takes_effect_at_the_next_after_run(
@@ -1094,10 +1107,10 @@ def test_async_end_waits_for_every_save_before_listeners_end(tmp_path: pathlib.P
     assert [
         "l.begin",
         "l.before_save 0",
-        "l.before_save 2",
-        "l.before_save 3",
         "l.after_save 0",
+        "l.before_save 2",
         "l.after_save 2",
+        "l.before_save 3",
         "l.after_save 3",
         "l.end 3",
     ] == events

@@ -208,6 +208,7 @@ class CheckpointSaverHook(SessionRunHook):
         return f"{self._save_path}-{step}"
 
     def _save(self, session: Session, step: int, *, may_stop: bool) -> None:
+        self._finish_previous_save(session, step)
         logger.info("Calling checkpoint listeners before saving checkpoint %d...", step)
         for listener in self._listeners:
             listener.before_save(session, step)
@@ -226,6 +227,26 @@ class CheckpointSaverHook(SessionRunHook):
         self._pending.append(_PendingSave(handle, step, may_stop))
         if not self._async_save:
             handle.result()
+
+    def _finish_previous_save(self, session: Session, step: int) -> None:
+        """Wait for a save still being written, and run its ``after_save``, before the next one.
+
+        The saver would wait anyway (one save in flight); waiting here, before ``before_save``,
+        keeps every listener's calls paired as in TensorFlow: ``after_save(N)`` comes before
+        ``before_save(N+1)``, and while checkpoint N still exists (N+1's retention may delete it).
+        """
+        in_flight = [pending for pending in self._pending if not pending.handle.done()]
+        if in_flight:
+            logger.warning(
+                "Saving checkpoint %d waits for the save of step %d, which is still being "
+                "written: the save interval is shorter than a save takes.",
+                step,
+                in_flight[0].step,
+            )
+            timeout = self._get_saver().drain_timeout_secs
+            for pending in in_flight:
+                pending.handle.wait(timeout)
+        self._poll(session)
 
     def _poll(self, session: Session) -> None:
         """Run ``after_save`` for every save that is durable; surface a failed one."""
