@@ -319,3 +319,21 @@ def test_torch_skips_its_record_crcs_for_our_saves_only(tmp_path):
     assert torch.serialization.get_crc32_options()
     assert zipfile.ZipFile(plain).testzip() is None
     assert all(info.CRC for info in zipfile.ZipFile(plain).infolist() if info.file_size)
+
+
+@pytest.mark.parametrize("overlap_min", [1, 1 << 10, 1 << 40], ids=["all", "large", "none"])
+def test_the_crc_is_the_same_whether_computed_beside_the_write_or_inline(
+    tmp_path, monkeypatch, overlap_min
+):
+    import torch_ckpt_hook._integrity as integrity
+
+    monkeypatch.setattr(integrity, "_OVERLAP_MIN", overlap_min)
+    path = tmp_path / "model.ckpt-1"
+    payload = {**_payload(), "big": torch.arange(300_000, dtype=torch.float32)}
+    write_checkpoint(path, payload)
+
+    assert verify_checkpoint(path) is None
+    data = bytearray(path.read_bytes())
+    data[len(data) // 3] ^= 0x80
+    path.write_bytes(data)
+    assert "checksum mismatch" in (verify_checkpoint(path) or "")
