@@ -2,8 +2,10 @@
 
 The global step counts optimizer updates, not micro-batches: ``Session`` counts each
 ``optimizer.step()``, and a ``GradScaler`` that skips a step (inf/NaN gradients) skips the count
-too. The LR scheduler and the ``GradScaler`` are stateful: they go in ``extra_state``, so a resumed
-run continues the schedule and the loss scale where they were.
+too. The LR scheduler steps only when the optimizer did, so its ``last_epoch`` stays equal to the
+global step (with float16 on CUDA, the first few steps are often skipped while the scaler finds
+its scale). The LR scheduler and the ``GradScaler`` are stateful: they go in ``extra_state``, so a
+resumed run continues the schedule and the loss scale where they were.
 
 On CPU, autocast runs in bfloat16, which needs no loss scaling: the scaler is then kept but
 disabled (pass --scaler to enable it anyway); on CUDA it runs float16 with the scaler on.
@@ -25,6 +27,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=100, help="train up to this many updates")
     parser.add_argument("--accumulate", type=int, default=4, help="micro-batches per update")
     parser.add_argument("--scaler", action="store_true", help="enable GradScaler on CPU too")
+    parser.add_argument(
+        "--init-scale", type=float, default=2.0**16, help="GradScaler's initial loss scale"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
@@ -36,7 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     # A schedule that does not depend on --steps, so a rerun with more steps continues it.
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=40, gamma=0.5)
-    scaler = torch.amp.GradScaler(device, enabled=device == "cuda" or args.scaler)
+    scaler = torch.amp.GradScaler(
+        device, init_scale=args.init_scale, enabled=device == "cuda" or args.scaler
+    )
     true_w = torch.randn(8, 1, generator=torch.Generator().manual_seed(1)).to(device)
 
     def micro_batch(step: int, index: int) -> torch.Tensor:
@@ -51,10 +58,11 @@ def main(argv: list[str] | None = None) -> int:
                 loss = torch.nn.functional.mse_loss(model(x).float(), x @ true_w)
             scaler.scale(loss / args.accumulate).backward()
             total += loss.detach() / args.accumulate
-        scaler.step(optimizer)  # one optimizer.step(): the global step advances by one
+        scaler.step(optimizer)  # optimizer.step(), unless the gradients hold inf or NaN
         scaler.update()
         optimizer.zero_grad()
-        scheduler.step()
+        if sess.global_step > step:  # the optimizer stepped: the global step counted it
+            scheduler.step()
         return {"loss": total}
 
     hooks = [tch.StopAtStepHook(last_step=args.steps), tch.NanTensorHook("loss")]

@@ -3,12 +3,18 @@
 ``after_save`` runs once the checkpoint is durable, on the training thread: with the default
 ``async_save=True`` that is at the first hook call after the background write committed, so
 the file it copies is always complete. The copy is made durable and renamed into place the same
-way, so the mirror never holds a half-written checkpoint either.
+way (temporary file, fsync, rename, fsync of the directory), so the mirror never holds a
+half-written checkpoint either; it keeps the source file's permissions.
+
+Training waits while ``after_save`` copies. That is fine for a small model and a local disk; a
+large checkpoint or a remote destination belongs on a thread of its own (a
+``concurrent.futures.ThreadPoolExecutor`` with one worker, say), with ``end()`` waiting for it.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import shutil
@@ -18,38 +24,64 @@ import torch
 
 import torch_ckpt_hook as tch
 
+# Temporary copies start with this, so a copy cut short by a crash is recognised and removed.
+_TEMP_PREFIX = ".mirror-tmp-"
+
 
 class MirrorListener(tch.CheckpointSaverListener):
-    """Copies ``<checkpoint_dir>/<basename>-<step>`` to ``mirror_dir`` after each save."""
+    """Copies each checkpoint saved into ``checkpoint_dir`` to ``mirror_dir`` after the save."""
 
-    def __init__(self, checkpoint_dir: str, mirror_dir: str, basename: str = "model.ckpt") -> None:
+    def __init__(self, checkpoint_dir: str, mirror_dir: str) -> None:
         self.checkpoint_dir = checkpoint_dir
         self.mirror_dir = mirror_dir
-        self.basename = basename
         self.copied: list[str] = []
 
     def begin(self) -> None:
         os.makedirs(self.mirror_dir, exist_ok=True)
+        with os.scandir(self.mirror_dir) as entries:  # copies a killed run left behind
+            for entry in entries:
+                if entry.name.startswith(_TEMP_PREFIX) and entry.is_file(follow_symlinks=False):
+                    os.remove(entry.path)
 
     def after_save(self, session: tch.Session, global_step_value: int) -> bool | None:
-        name = f"{self.basename}-{global_step_value}"
-        source = os.path.join(self.checkpoint_dir, name)
-        fd, tmp = tempfile.mkstemp(dir=self.mirror_dir, prefix=f".{name}.")
+        # The state file names the checkpoint just committed (whatever the hook's basename).
+        source = tch.latest_checkpoint(self.checkpoint_dir)
+        if source is None or not source.endswith(f"-{global_step_value}"):
+            raise RuntimeError(
+                f"expected the checkpoint of step {global_step_value} in {self.checkpoint_dir}, "
+                f"the latest is {source}"
+            )
+        name = os.path.basename(source)
+        target = os.path.join(self.mirror_dir, name)
+        fd, tmp = tempfile.mkstemp(dir=self.mirror_dir, prefix=f"{_TEMP_PREFIX}{name}.")
         try:
             with os.fdopen(fd, "wb") as dst, open(source, "rb") as src:
                 shutil.copyfileobj(src, dst)
                 dst.flush()
                 os.fsync(dst.fileno())
-            os.replace(tmp, os.path.join(self.mirror_dir, name))
+            shutil.copymode(source, tmp)  # mkstemp creates the file 0600
+            os.replace(tmp, target)
         except BaseException:
-            os.remove(tmp)
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(tmp)
             raise
-        problem = tch.verify_checkpoint(os.path.join(self.mirror_dir, name))
+        _fsync_dir(self.mirror_dir)  # the rename itself survives a power loss
+        problem = tch.verify_checkpoint(target)
         if problem is not None:
             raise RuntimeError(f"the mirrored copy of {name} is corrupted: {problem}")
         self.copied.append(name)
         logging.getLogger(__name__).info("Mirrored %s to %s", name, self.mirror_dir)
         return None
+
+
+def _fsync_dir(directory: str) -> None:
+    if os.name == "nt":  # Windows cannot open a directory; NTFS journals the rename
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         x = torch.randn(32, 8)
         loss = torch.nn.functional.mse_loss(model(x), x.sum(dim=1, keepdim=True))
         optimizer.zero_grad()
-        loss.backward()
+        loss.backward()  # type: ignore[no-untyped-call]
         optimizer.step()
         return {"loss": loss.detach()}
 

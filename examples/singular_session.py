@@ -34,13 +34,13 @@ def main(argv: list[str] | None = None) -> int:
     def train_step(x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         loss = torch.nn.functional.cross_entropy(model(x), y)
         optimizer.zero_grad()
-        loss.backward()
+        loss.backward()  # type: ignore[no-untyped-call]
         optimizer.step()
         return {"loss": loss.detach()}
 
     def accuracy(x: torch.Tensor, y: torch.Tensor) -> float:
         with torch.no_grad():
-            return (model(x).argmax(dim=1) == y).float().mean().item()
+            return float((model(x).argmax(dim=1) == y).float().mean())
 
     hooks = [
         tch.CheckpointSaverHook(args.dir, save_steps=args.save_every),

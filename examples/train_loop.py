@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
         x = torch.randn(64, 8)
         loss = torch.nn.functional.mse_loss(model(x), x @ true_w)
         optimizer.zero_grad()
-        loss.backward()
+        loss.backward()  # type: ignore[no-untyped-call]
         optimizer.step()
         return {"loss": loss.detach()}
 

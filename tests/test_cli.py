@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import builtins
+import errno
+import io
 import json
+import logging
 import os
 import pathlib
+import shutil
+import signal
 import subprocess
 import sys
 from typing import Any
@@ -13,7 +19,11 @@ import pytest
 import torch
 
 import torch_ckpt_hook as tch
+from torch_ckpt_hook import _cli, _demo
 from torch_ckpt_hook._cli import main
+from torch_ckpt_hook._demo import batch_for_step
+from torch_ckpt_hook._fsutil import atomic_write
+from torch_ckpt_hook._integrity import save_with_checksum
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 Capsys = pytest.CaptureFixture[str]
@@ -62,12 +72,12 @@ def _run(capsys: Capsys, *argv: str) -> tuple[int, str, str]:
 # -- arguments and help -----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["ls", "--help"], ["inspect", "--help"]])
-def test_help_exits_0_and_describes_the_commands(capsys: Capsys, argv: list[str]) -> None:
-    status, out, err = _run(capsys, *argv)
+@pytest.mark.parametrize("command", [[], ["ls"], ["inspect"], ["verify"], ["demo"]])
+def test_help_exits_0_and_describes_the_commands(capsys: Capsys, command: list[str]) -> None:
+    status, out, err = _run(capsys, *command, "--help")
 
     assert (0, "") == (status, err)
-    assert "usage: torch-ckpt" in out
+    assert out.startswith(f"usage: {' '.join(['torch-ckpt', *command])} ")
     assert "exit status:" in out
 
 
@@ -87,7 +97,10 @@ def test_version(capsys: Capsys) -> None:
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        ([], "torch-ckpt: error: expected a command: ls, inspect, verify or demo"),
+        (
+            [],
+            "torch-ckpt: error: expected a command: ls, inspect, verify or demo (see 'torch-ckpt --help')",
+        ),
         (["frobnicate"], "torch-ckpt: error: argument COMMAND: invalid choice: 'frobnicate'"),
         (["ls"], "torch-ckpt ls: error: the following arguments are required: DIR"),
         (
@@ -98,7 +111,30 @@ def test_version(capsys: Capsys) -> None:
             ["ls", "{file}"],
             "torch-ckpt ls: error: argument DIR: expected an existing directory, got '{file}', which is not a directory",
         ),
-        (["ls", "{dir}", "--bogus"], "torch-ckpt: error: unrecognized arguments: --bogus"),
+        (
+            ["ls", "{dir}", "--bogus"],
+            "torch-ckpt ls: error: unrecognized arguments: --bogus (see 'torch-ckpt ls --help')",
+        ),
+        (
+            ["verify", "{dir}", "extra"],
+            "torch-ckpt verify: error: unrecognized arguments: extra (see 'torch-ckpt verify --help')",
+        ),
+        (
+            ["inspect", "{dir}/checkpoint"],
+            "torch-ckpt inspect: error: argument PATH: expected a checkpoint file or a directory, got '{dir}/checkpoint', which is the checkpoint state file (it lists a directory's checkpoints); pass its directory, '{dir}'",
+        ),
+        (
+            ["verify", "{dir}/checkpoint"],
+            "torch-ckpt verify: error: argument DIR|PATH: expected a checkpoint file or a directory, got '{dir}/checkpoint', which is the checkpoint state file",
+        ),
+        (
+            ["inspect", "{fifo}"],
+            "torch-ckpt inspect: error: argument PATH: expected a checkpoint file or a directory, got '{fifo}', which is a FIFO (see 'torch-ckpt inspect --help')",
+        ),
+        (
+            ["verify", "{fifo}"],
+            "torch-ckpt verify: error: argument DIR|PATH: expected a checkpoint file or a directory, got '{fifo}', which is a FIFO",
+        ),
         (
             ["inspect", "{missing}"],
             "torch-ckpt inspect: error: argument PATH: expected an existing checkpoint file or directory, got '{missing}', which does not exist",
@@ -132,8 +168,11 @@ def test_bad_arguments_give_one_line_and_exit_2(
         "missing": str(tmp_path / "missing"),
         "file": str(tmp_path / "file"),
         "dir": str(tmp_path),
+        "fifo": str(tmp_path / "fifo"),
     }
     (tmp_path / "file").write_text("not a checkpoint")
+    (tmp_path / "checkpoint").write_text('model_checkpoint_path: "model.ckpt-1"\n')
+    os.mkfifo(tmp_path / "fifo")  # reading it would block forever: it must be refused unread
     argv = [arg.format(**names) for arg in argv]
 
     status, out, err = _run(capsys, *argv)
@@ -156,14 +195,16 @@ def test_ls_lists_every_checkpoint_and_marks_the_latest(
 
     assert (0, "") == (status, err)
     lines = out.splitlines()
-    assert ["NAME", "STEP", "SIZE", "SAVED", "LATEST", "INTEGRITY"] == lines[0].split()
+    assert ["NAME", "STEP", "SIZE", "SAVED", "LATEST", "RESTORE", "INTEGRITY"] == lines[0].split()
     assert ["model.ckpt-10", "model.ckpt-20", "model.ckpt-30"] == [
         line.split()[0] for line in lines[1:4]
     ]
-    assert lines[3].split()[-2:] == ["latest", "ok"]
+    assert ["latest", "restore", "ok"] == lines[3].split()[-3:]
     assert lines[1].split()[-1] == "ok"
     assert "latest" not in lines[1]
+    assert "restore" not in lines[1]
     assert lines[4].startswith("3 checkpoints, ")
+    assert 5 == len(lines)
     # Columns are aligned: every row puts INTEGRITY at the same offset.
     assert 1 == len({line.rindex(line.split()[-1]) for line in lines[:4]})
 
@@ -176,7 +217,7 @@ def test_ls_json_parses_and_holds_every_field(capsys: Capsys, tmp_path: pathlib.
     assert 0 == status
     document = json.loads(out)
     assert str(tmp_path) == document["directory"]
-    assert paths[-1] == document["latest"]
+    assert paths[-1] == document["latest"] == document["restore"]
     assert [10, 20, 30] == [c["step"] for c in document["checkpoints"]]
     newest = document["checkpoints"][-1]
     assert {
@@ -187,6 +228,7 @@ def test_ls_json_parses_and_holds_every_field(capsys: Capsys, tmp_path: pathlib.
         "intact": True,
         "problem": None,
         "latest": True,
+        "restore": True,
     }.items() <= newest.items()
     assert os.path.getmtime(paths[-1]) == newest["mtime"]
     assert newest["saved_at"][:4].isdigit()
@@ -229,7 +271,12 @@ def test_ls_of_a_directory_without_checkpoints_says_so_and_exits_0(
 
     status, out, _err = _run(capsys, "ls", str(tmp_path), "--json")
     assert 0 == status
-    assert {"directory": str(tmp_path), "latest": None, "checkpoints": []} == json.loads(out)
+    assert {
+        "directory": str(tmp_path),
+        "latest": None,
+        "restore": None,
+        "checkpoints": [],
+    } == json.loads(out)
 
 
 # -- inspect ----------------------------------------------------------------------------------
@@ -270,6 +317,7 @@ def test_inspect_json_parses_and_totals_the_tensors(capsys: Capsys, tmp_path: pa
         "name": "model.weight",
         "shape": [2, 3],
         "dtype": "float32",
+        "layout": "strided",
         "elements": 6,
         "bytes": 24,
     } in doc["tensors"]
@@ -278,6 +326,7 @@ def test_inspect_json_parses_and_totals_the_tensors(capsys: Capsys, tmp_path: pa
     assert "SGD" == doc["optimizer"]["type"]
     assert {"python", "torch"} <= set(doc["rng_states"])
     assert [] == doc["extra_state"]
+    assert [] == doc["problems"]
 
 
 def test_inspect_names_extra_state(capsys: Capsys, tmp_path: pathlib.Path) -> None:
@@ -417,6 +466,7 @@ def test_demo_trains_and_resumes(capsys: Capsys, tmp_path: pathlib.Path) -> None
     assert f"--dir {directory} --steps 112' resumes" in out
 
 
+@pytest.mark.slow  # an interpreter start and a torch import: the one subprocess smoke test
 def test_python_dash_m_runs_the_command() -> None:
     env = dict(
         os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
@@ -431,3 +481,413 @@ def test_python_dash_m_runs_the_command() -> None:
 
     assert 2 == completed.returncode
     assert completed.stderr.startswith("torch-ckpt ls: error: argument DIR: expected an existing")
+
+
+# -- the checkpoint a session restores --------------------------------------------------------
+
+
+@pytest.fixture
+def corrupted_latest(tmp_path: pathlib.Path) -> list[str]:
+    """Checkpoints of steps 10, 20 and 30 in tmp_path; the latest, 30, has a flipped byte."""
+    paths = _save_checkpoints(tmp_path)
+    _flip_a_byte(paths[-1])
+    return paths
+
+
+def test_ls_marks_the_newest_intact_checkpoint_as_the_one_restored(
+    capsys: Capsys, tmp_path: pathlib.Path, corrupted_latest: list[str]
+) -> None:
+    paths = corrupted_latest
+
+    status, out, _err = _run(capsys, "ls", str(tmp_path))
+
+    assert 0 == status
+    lines = out.splitlines()
+    assert ["restore", "ok"] == lines[2].split()[-2:]
+    assert ["latest", "CORRUPTED:", "checksum", "mismatch:"] == lines[3].split()[-9:-5]
+    assert "A new session skips the latest, model.ckpt-30, and restores model.ckpt-20." == lines[-1]
+
+    _status, out, _err = _run(capsys, "ls", str(tmp_path), "--json")
+    document = json.loads(out)
+    assert (paths[-1], paths[1]) == (document["latest"], document["restore"])
+    assert [False, True, False] == [c["restore"] for c in document["checkpoints"]]
+
+
+def test_the_checkpoint_marked_restore_is_the_one_a_session_restores(
+    capsys: Capsys, tmp_path: pathlib.Path, corrupted_latest: list[str]
+) -> None:
+    marked = json.loads(_run(capsys, "ls", str(tmp_path), "--json")[1])["restore"]
+
+    model = torch.nn.Linear(3, 2)
+    with tch.SingularMonitoredSession(
+        model, torch.optim.SGD(model.parameters(), lr=0.1), checkpoint_dir=str(tmp_path)
+    ) as sess:
+        restored = sess.raw_session().restored_from
+
+    assert restored == marked == corrupted_latest[1]
+
+
+def test_inspect_of_a_directory_shows_the_newest_intact_and_warns_of_newer_ones(
+    capsys: Capsys, tmp_path: pathlib.Path, corrupted_latest: list[str]
+) -> None:
+    status, out, err = _run(capsys, "inspect", str(tmp_path), "--json")
+
+    assert 0 == status
+    assert corrupted_latest[1] == json.loads(out)["path"]
+    assert 1 == len(err.splitlines()), err
+    assert err.startswith(
+        "torch-ckpt inspect: warning: showing model.ckpt-20, the checkpoint a new session "
+        "restores; newer ones are corrupted (model.ckpt-30: checksum mismatch"
+    )
+
+
+def test_inspect_of_a_directory_without_an_intact_checkpoint_reports_the_latest(
+    capsys: Capsys, tmp_path: pathlib.Path
+) -> None:
+    [path] = _save_checkpoints(tmp_path, steps=(3,))
+    _flip_a_byte(path)
+
+    status, out, err = _run(capsys, "inspect", str(tmp_path))
+
+    assert (1, "") == (status, out)
+    assert err.startswith(f"torch-ckpt inspect: error: Checkpoint {path} is corrupted")
+
+
+# -- file names that are not UTF-8 ------------------------------------------------------------
+
+
+def _strict_utf8_streams(monkeypatch: pytest.MonkeyPatch) -> list[io.TextIOWrapper]:
+    """stdout and stderr as PYTHONIOENCODING=utf-8:strict makes them.
+
+    Set in the test body, not in a fixture: pytest's capture puts its own streams back
+    between setup and call.
+    """
+    streams = [io.TextIOWrapper(io.BytesIO(), encoding="utf-8", errors="strict") for _ in "12"]
+    monkeypatch.setattr(sys, "stdout", streams[0])
+    monkeypatch.setattr(sys, "stderr", streams[1])
+    return streams
+
+
+def _read(stream: io.TextIOWrapper) -> str:
+    stream.flush()
+    buffer = stream.buffer
+    assert isinstance(buffer, io.BytesIO)
+    return buffer.getvalue().decode("utf-8")
+
+
+@pytest.mark.parametrize("argv", [["ls"], ["ls", "--json"], ["verify"], ["inspect", "--json"]])
+def test_a_file_name_that_is_not_utf8_is_shown_with_escapes(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch, argv: list[str]
+) -> None:
+    (tmp_path / "saved").mkdir()
+    [saved] = _save_checkpoints(tmp_path / "saved", steps=(1,))
+    name = os.fsdecode(b"mod\xffel.ckpt-1")
+    shutil.copy(saved, tmp_path / name)
+    _flip_a_byte(str(tmp_path / name))  # and its path lands in a message too
+
+    target = str(tmp_path / name) if argv[0] == "inspect" else str(tmp_path)
+    streams = _strict_utf8_streams(monkeypatch)
+    status = main([argv[0], target, *argv[1:]])
+
+    out, err = (_read(stream) for stream in streams)
+    # JSON writes the escape's backslash as two.
+    assert "mod\\xffel.ckpt-1" in (out + err).replace("\\\\", "\\")
+    assert "\udcff" not in out + err
+    assert ("\ufffd" in out + err) is False
+    if argv == ["ls", "--json"]:
+        assert 0 == status
+        [listed] = json.loads(out)["checkpoints"]
+        assert ("mod\\xffel.ckpt-1", str(tmp_path / "mod\\xffel.ckpt-1")) == (
+            listed["name"],
+            listed["path"],
+        )
+    else:
+        assert (0 if argv == ["ls"] else 1) == status
+
+
+# -- odd but loadable payloads ----------------------------------------------------------------
+
+
+def _write_payload(path: pathlib.Path, **overrides: Any) -> str:
+    payload: dict[str, Any] = {
+        "format_version": 1,
+        "global_step": 3,
+        "model": {"weight": torch.ones(2, 2)},
+        "optimizer": {"state": {}, "param_groups": [{"lr": 0.1, "params": [0]}]},
+        "extra_state": {},
+        "rng": {},
+    }
+    payload.update(overrides)
+    atomic_write(path, lambda f: save_with_checksum(payload, f))
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "problem"),
+    [
+        (
+            {"state": {}, "param_groups": "adam"},
+            "optimizer.param_groups is a str, not a list of mappings",
+        ),
+        (
+            {"state": {}, "param_groups": [1, "x"]},
+            "optimizer.param_groups holds 2 entries that are not mappings",
+        ),
+        ({"state": [], "param_groups": []}, "optimizer.state is a list, not a mapping"),
+        ([1, 2], "optimizer is a list, not a mapping"),
+    ],
+)
+def test_inspect_reports_an_optimizer_state_of_another_shape(
+    capsys: Capsys, tmp_path: pathlib.Path, optimizer: Any, problem: str
+) -> None:
+    path = _write_payload(tmp_path / "odd-1", optimizer=optimizer)
+
+    status, out, err = _run(capsys, "inspect", path)
+    assert (0, "") == (status, err)
+    assert f"Problem       {problem}" in out
+
+    _status, out, _err = _run(capsys, "inspect", path, "--json")
+    assert [problem] == json.loads(out)["problems"]
+
+
+@pytest.mark.parametrize(
+    ("global_step", "expected"),
+    [(torch.tensor(7), 7), (b"\x00\xff", "b'\\x00\\xff'"), (float("nan"), None)],
+)
+def test_inspect_json_holds_only_json_values(
+    capsys: Capsys, tmp_path: pathlib.Path, global_step: Any, expected: Any
+) -> None:
+    optimizer = {"state": {}, "param_groups": [{"lr": float("nan"), "params": [0]}]}
+    path = _write_payload(tmp_path / "odd-1", global_step=global_step, optimizer=optimizer)
+
+    status, out, err = _run(capsys, "inspect", path, "--json")
+
+    assert (0, "") == (status, err)
+    doc = json.loads(out, parse_constant=lambda name: pytest.fail(f"{name} is not JSON"))
+    assert expected == doc["global_step"]
+    assert None is doc["optimizer"]["lr"]
+
+    status, out, _err = _run(capsys, "inspect", path)
+    assert 0 == status
+    assert "lr nan" in out
+
+
+def test_inspect_counts_the_bytes_a_sparse_tensor_stores(
+    capsys: Capsys, tmp_path: pathlib.Path
+) -> None:
+    with torch.sparse.check_sparse_tensor_invariants(True):
+        sparse = torch.sparse_coo_tensor(
+            torch.tensor([[0, 999], [5, 0]]), torch.tensor([1.0, 2.0]), (1000, 1000)
+        )
+    path = _write_payload(tmp_path / "sparse-1", model={"embedding": sparse})
+
+    _status, out, _err = _run(capsys, "inspect", path, "--json")
+
+    [tensor] = json.loads(out)["tensors"]
+    # 2 float32 values and a 2x2 int64 index: what the file holds, not 1000 * 1000 floats.
+    assert ("model.embedding", "sparse_coo", [1000, 1000], 1_000_000, 2 * 4 + 4 * 8) == tuple(
+        tensor[key] for key in ("name", "layout", "shape", "elements", "bytes")
+    )
+    _status, out, _err = _run(capsys, "inspect", path)
+    [row] = [line.split() for line in out.splitlines() if line.startswith("model.embedding")]
+    assert ["model.embedding", "[1000,", "1000]", "float32", "(sparse_coo)", "40", "B"] == row
+
+
+# -- failures: one line, never a traceback ----------------------------------------------------
+
+
+def test_demo_in_a_directory_of_another_model_fails_in_one_line(
+    capsys: Capsys, tmp_path: pathlib.Path
+) -> None:
+    paths = _save_checkpoints(tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+
+    status, _out, err = _run(capsys, "demo", "--dir", str(tmp_path), "--steps", "5")
+
+    assert 1 == status
+    assert "Traceback" not in err
+    err = err.splitlines(keepends=True)[-1]  # after the demo's own log lines
+    assert err.startswith(
+        f"torch-ckpt demo: error: {tmp_path} holds checkpoints of a different model (Error(s) in "
+        "loading state_dict for Sequential:"
+    )
+    assert err.endswith("); use an empty --dir\n")
+    assert before == {name: (tmp_path / name).read_bytes() for name in before}
+    assert [] == [
+        p for p in tmp_path.iterdir() if p.name.startswith("model.ckpt") and p.name not in before
+    ]
+    assert paths[-1] == tch.latest_checkpoint(str(tmp_path))
+
+
+def test_demo_with_a_nan_loss_fails_in_one_line(
+    capsys: Capsys, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def nan_batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        inputs, targets = batch_for_step(step)
+        return inputs, torch.full_like(targets, float("nan"))
+
+    monkeypatch.setattr(_demo, "batch_for_step", nan_batch)
+
+    status, _out, err = _run(capsys, "demo", "--dir", str(tmp_path), "--steps", "5")
+
+    assert 1 == status
+    assert "Traceback" not in err
+    lines = err.splitlines()
+    assert "torch-ckpt: error: Model diverged with loss = NaN." in lines
+    assert "torch-ckpt demo: error: NaN loss during training." == lines[-1]
+
+
+def test_demo_that_cannot_create_its_directory_fails_in_one_line(
+    capsys: Capsys, tmp_path: pathlib.Path
+) -> None:
+    (tmp_path / "file").write_text("in the way")
+
+    status, _out, err = _run(capsys, "demo", "--dir", str(tmp_path / "file" / "sub"))
+
+    assert 1 == status
+    assert "Traceback" not in err
+    assert err.splitlines()[-1].startswith("torch-ckpt demo: error: "), err
+    assert str(tmp_path / "file" / "sub") in err.splitlines()[-1]
+
+
+def test_an_unexpected_error_is_one_line_without_a_traceback(
+    capsys: Capsys, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(directory: str, *, as_json: bool) -> int:
+        raise ZeroDivisionError("a bug\non two lines")
+
+    monkeypatch.setattr(_cli, "ls", broken)
+
+    assert (1, "", "torch-ckpt: error: ZeroDivisionError: a bug on two lines\n") == _run(
+        capsys, "ls", str(tmp_path)
+    )
+
+
+def test_a_reader_that_leaves_ends_the_command_quietly(
+    capsys: Capsys, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _save_checkpoints(tmp_path)
+
+    class ClosedPipe(io.StringIO):
+        def write(self, text: str) -> int:
+            raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(sys, "stdout", ClosedPipe())
+
+    status = main(["ls", str(tmp_path)])
+
+    assert (1, "") == (status, capsys.readouterr().err)
+
+
+def test_ls_of_a_directory_that_cannot_be_listed_fails_in_one_line(
+    capsys: Capsys, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Tests run as root here, where chmod 000 does not stop a read: refuse the listing instead.
+    real_scandir = os.scandir
+
+    def refusing_scandir(path: Any = ".") -> Any:
+        if os.fspath(path) == str(tmp_path):
+            raise PermissionError(errno.EACCES, "Permission denied", os.fspath(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", refusing_scandir)
+
+    assert (1, "", f"torch-ckpt ls: error: {tmp_path}: Permission denied\n") == _run(
+        capsys, "ls", str(tmp_path)
+    )
+
+
+@pytest.fixture
+def unreadable_middle_checkpoint(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> list[str]:
+    """Three checkpoints; opening the second raises PermissionError (chmod is moot as root)."""
+    paths = _save_checkpoints(tmp_path)
+    real_open = builtins.open
+
+    def refusing_open(file: Any, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(file, (str, os.PathLike)) and os.fspath(file) == paths[1]:
+            raise PermissionError(errno.EACCES, "Permission denied", os.fspath(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", refusing_open)
+    return paths
+
+
+def test_ls_shows_an_unreadable_checkpoint_as_unreadable(
+    capsys: Capsys, tmp_path: pathlib.Path, unreadable_middle_checkpoint: list[str]
+) -> None:
+    status, out, err = _run(capsys, "ls", str(tmp_path))
+
+    assert (0, "") == (status, err)
+    lines = out.splitlines()
+    assert lines[2].endswith("  unreadable: Permission denied")
+    assert "CORRUPTED" not in out
+    assert lines[4].endswith(", 1 unreadable")
+
+
+def test_verify_says_unreadable_rather_than_corrupted(
+    capsys: Capsys, tmp_path: pathlib.Path, unreadable_middle_checkpoint: list[str]
+) -> None:
+    paths = unreadable_middle_checkpoint
+    _flip_a_byte(paths[0])
+
+    status, out, err = _run(capsys, "verify", str(tmp_path))
+
+    assert 1 == status
+    assert [
+        "CORRUPTED   model.ckpt-10: checksum mismatch",
+        "unreadable  model.ckpt-20: Permission denied",
+        "ok          model.ckpt-30",
+    ] == [line.split(": stored")[0] for line in out.splitlines()]
+    assert (
+        "torch-ckpt verify: error: 2 of 3 checkpoints corrupted or unreadable: "
+        "model.ckpt-10, model.ckpt-20\n"
+    ) == err
+
+
+def test_package_warnings_carry_the_command_prefix_once(
+    capsys: Capsys, tmp_path: pathlib.Path
+) -> None:
+    _save_checkpoints(tmp_path)
+    os.remove(tmp_path / "checkpoint")
+    os.mkdir(tmp_path / "checkpoint")  # a state file that cannot be read
+    package_logger = logging.getLogger("torch_ckpt_hook")
+    handlers = list(package_logger.handlers)
+
+    status, out, err = _run(capsys, "ls", str(tmp_path))
+
+    assert 0 == status
+    assert "model.ckpt-30" in out
+    lines = err.splitlines()
+    assert lines, "expected a warning about the state file"
+    assert all(line.startswith("torch-ckpt: warning: ") for line in lines), err
+    assert len(set(lines)) == len(lines), err
+    assert any(
+        f"Checkpoint state file {tmp_path}/checkpoint is unreadable" in line for line in lines
+    )
+    assert handlers == package_logger.handlers
+
+
+# -- demo's hint ------------------------------------------------------------------------------
+
+
+def test_an_interrupted_demo_suggests_the_same_command(
+    capsys: Capsys, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def interrupted_at_step_3(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C: the demo finishes the step and saves
+        return batch_for_step(step)
+
+    monkeypatch.setattr(_demo, "batch_for_step", interrupted_at_step_3)
+    directory = str(tmp_path / "demo")
+
+    status, out, _err = _run(capsys, "demo", "--dir", directory, "--steps", "10")
+
+    assert 0 == status
+    assert "Stopped at step 4 of 10: run the same command again to resume." in out
+    assert (
+        f"Next: 'torch-ckpt ls {directory}' lists the checkpoints; "
+        f"'torch-ckpt demo --dir {directory} --steps 10' resumes and trains to step 10."
+    ) == out.splitlines()[-1]

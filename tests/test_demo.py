@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import io
+import logging
 import pathlib
 
 import pytest
 import torch
 
 import torch_ckpt_hook as tch
-from torch_ckpt_hook._demo import batch_for_step, run_demo
+from torch_ckpt_hook._demo import DemoError, batch_for_step, demo_logging, run_demo
 
 
 def test_demo_trains_then_resumes_from_the_latest_checkpoint(tmp_path: pathlib.Path) -> None:
@@ -97,3 +98,37 @@ def test_demo_arguments_are_checked(
 ) -> None:
     with pytest.raises(ValueError, match=message):
         run_demo(str(tmp_path), steps, save_every=save_every, out=io.StringIO())
+
+
+def test_demo_refuses_a_directory_that_holds_another_models_checkpoints(
+    tmp_path: pathlib.Path,
+) -> None:
+    model = torch.nn.Linear(2, 2)
+    session = tch.Session(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    saved = tch.Saver().save(session, str(tmp_path / "model.ckpt"), global_step=1)
+
+    with pytest.raises(DemoError) as raised:
+        run_demo(str(tmp_path), 5, out=io.StringIO())
+
+    message = str(raised.value)
+    assert message.startswith(
+        f"{tmp_path} holds checkpoints of a different model (Error(s) in loading state_dict for "
+        "Sequential: Missing key(s) in state_dict:"
+    )
+    assert message.endswith("); use an empty --dir")
+    assert "\n" not in message
+    assert saved == tch.latest_checkpoint(str(tmp_path))
+
+
+def test_demo_logging_shows_info_lines_and_leaves_warnings_to_the_command() -> None:
+    package_logger = logging.getLogger("torch_ckpt_hook")
+    handlers, level = list(package_logger.handlers), package_logger.level
+    stream = io.StringIO()
+
+    with demo_logging(stream):
+        logging.getLogger("torch_ckpt_hook._saver").info("Saved step %d", 5)
+        logging.getLogger("torch_ckpt_hook._checkpoint_hook").info("Calling checkpoint listeners")
+        logging.getLogger("torch_ckpt_hook._saver").warning("reported by torch-ckpt itself")
+
+    assert "Saved step 5\n" == stream.getvalue()
+    assert (handlers, level) == (package_logger.handlers, package_logger.level)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import sys
 import types
@@ -47,8 +48,23 @@ def fake_tqdm(monkeypatch: pytest.MonkeyPatch) -> type[FakeTqdm]:
     module = types.ModuleType("tqdm.auto")
     module.tqdm = FakeTqdm  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "tqdm.auto", module)
+    # As in Jupyter, where a bar is drawn whatever stderr is (pytest's is no terminal).
+    monkeypatch.setitem(sys.modules, "ipykernel", types.ModuleType("ipykernel"))
     FakeTqdm.instances = []
     return FakeTqdm
+
+
+class TerminalStream(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def _stderr(monkeypatch: pytest.MonkeyPatch, stream: io.StringIO) -> io.StringIO:
+    """Replace stderr and leave Jupyter; in the test body, as pytest's capture resets stderr
+    between a fixture's setup and the test."""
+    monkeypatch.delitem(sys.modules, "ipykernel", raising=False)
+    monkeypatch.setattr(sys, "stderr", stream)
+    return stream
 
 
 @pytest.fixture
@@ -214,14 +230,49 @@ def test_bar_follows_the_step_back_after_a_recovery(
     assert 1 == bar.n
 
 
-def test_real_tqdm_bar_is_drawn_on_stderr(
-    model_and_optimizer: ModelAndOptimizer, capsys: pytest.CaptureFixture[str]
+def test_bar_is_drawn_when_stderr_is_a_terminal(
+    fake_tqdm: type[FakeTqdm],
+    model_and_optimizer: ModelAndOptimizer,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    _stderr(monkeypatch, TerminalStream())
+    caplog.set_level(logging.INFO, logger=_progress.__name__)
+
+    _train(model_and_optimizer, tch.ProgressBarHook(total=3), last_step=3)
+
+    [bar] = fake_tqdm.instances
+    assert 3 == bar.n
+    assert [] == _progress_lines(caplog)
+
+
+def test_log_lines_rather_than_a_bar_when_stderr_is_not_a_terminal(
+    fake_tqdm: type[FakeTqdm],
+    model_and_optimizer: ModelAndOptimizer,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    stderr = _stderr(monkeypatch, io.StringIO())  # a CI log: redirected, no terminal
+    caplog.set_level(logging.INFO, logger=_progress.__name__)
+
+    _train(model_and_optimizer, tch.ProgressBarHook(total=3), last_step=3)
+
+    assert [] == fake_tqdm.instances
+    assert [f"step {n}/3" for n in range(4)] == [
+        line.removeprefix("Progress: ").split(" (")[0] for line in _progress_lines(caplog)
+    ]
+    assert "" == stderr.getvalue()
+
+
+def test_real_tqdm_bar_is_drawn_on_a_terminal_stderr(
+    model_and_optimizer: ModelAndOptimizer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     pytest.importorskip("tqdm")
+    stderr = _stderr(monkeypatch, TerminalStream())
 
     _train(model_and_optimizer, tch.ProgressBarHook(total=6), last_step=6)
 
-    assert "6/6" in capsys.readouterr().err
+    assert "6/6" in stderr.getvalue()
 
 
 def test_without_tqdm_logs_every_tenth_of_the_way_and_at_the_end(

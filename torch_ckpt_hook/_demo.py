@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import importlib
 import logging
 import os
 import signal
@@ -21,6 +20,8 @@ from typing import TYPE_CHECKING, TextIO
 import torch
 
 from ._basic_hooks import NanTensorHook, StopAtStepHook
+from ._cli_format import ConsoleHandler
+from ._errors import CheckpointError
 from ._hooks import SessionRunHook
 from ._progress import ProgressBarHook
 from ._state_file import latest_checkpoint
@@ -39,6 +40,10 @@ _FEATURES = 16
 _HIDDEN = 64
 _BATCH = 64
 _LR = 3e-3
+
+
+class DemoError(Exception):
+    """The demo cannot run in the directory it was given; the message says why and what to do."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,16 +157,27 @@ def _train(checkpoint_dir: str, steps: int, save_every: int, out: TextIO) -> Dem
     hooks = [StopAtStepHook(last_step=steps), NanTensorHook("loss"), ProgressBarHook(steps)]
     losses: list[float] = []
     began = time.perf_counter()
-    with MonitoredTrainingSession(
-        model,
-        optimizer,
-        checkpoint_dir=checkpoint_dir,
-        save_checkpoint_steps=save_every,
-        log_step_count_steps=save_every,
-        hooks=hooks,
-        chief_only_hooks=[start],
-        stop_on_signals=(signal.SIGTERM, signal.SIGINT),
-    ) as sess:
+    try:
+        session = MonitoredTrainingSession(
+            model,
+            optimizer,
+            checkpoint_dir=checkpoint_dir,
+            save_checkpoint_steps=save_every,
+            log_step_count_steps=save_every,
+            hooks=hooks,
+            chief_only_hooks=[start],
+            stop_on_signals=(signal.SIGTERM, signal.SIGINT),
+        )
+    except (RuntimeError, ValueError, KeyError) as err:
+        # load_state_dict's refusal (missing keys, other shapes, other parameter groups): the
+        # directory holds another model's checkpoints, which the demo must not overwrite.
+        if isinstance(err, CheckpointError) or latest_checkpoint(checkpoint_dir) is None:
+            raise
+        raise DemoError(
+            f"{checkpoint_dir} holds checkpoints of a different model ({_one_line(err)}); "
+            "use an empty --dir"
+        ) from err
+    with session as sess:
         # Checked here, not left to StopAtStepHook: as in TensorFlow, it would run one step.
         if sess.global_step < steps:
             while not sess.should_stop():
@@ -188,39 +204,34 @@ def _train(checkpoint_dir: str, steps: int, save_every: int, out: TextIO) -> Dem
     )
 
 
+def _one_line(err: BaseException, limit: int = 200) -> str:
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 @contextlib.contextmanager
 def demo_logging(stream: TextIO) -> Iterator[None]:
-    """Show the package's INFO lines (saves, steps/s) for the demo, through tqdm when present."""
+    """Show the package's INFO lines (saves, steps/s, progress) for the demo, above a tqdm bar.
+
+    Only the lines below WARNING: the ``torch-ckpt`` command reports warnings itself, with its
+    prefix.
+    """
     package_logger = logging.getLogger(__package__)
-    handler = logging.StreamHandler(stream)
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    handler.addFilter(_quiet_demo_lines)
+    handler = ConsoleHandler(logging.Formatter("%(message)s"), stream)
+    handler.addFilter(_demo_lines)
     level = package_logger.level
     package_logger.addHandler(handler)
     package_logger.setLevel(logging.INFO)
     try:
-        with _redirect_through_tqdm(package_logger):
-            yield
+        yield
     finally:
         package_logger.removeHandler(handler)
         package_logger.setLevel(level)
 
 
-def _quiet_demo_lines(record: logging.LogRecord) -> bool:
+def _demo_lines(record: logging.LogRecord) -> bool:
     # TensorFlow's listener lines say nothing when, as in the demo, there is no listener.
-    return not str(record.msg).startswith(_QUIET_PREFIXES)
+    return record.levelno < logging.WARNING and not str(record.msg).startswith(_QUIET_PREFIXES)
 
 
 _QUIET_PREFIXES = ("Calling checkpoint listeners", "Create CheckpointSaverHook")
-
-
-@contextlib.contextmanager
-def _redirect_through_tqdm(target: logging.Logger) -> Iterator[None]:
-    # Log lines written under a live bar would tear it; tqdm's redirect writes them above it.
-    try:
-        redirect = importlib.import_module("tqdm.contrib.logging").logging_redirect_tqdm
-    except ImportError:
-        yield
-        return
-    with redirect(loggers=[target]):
-        yield

@@ -1,8 +1,12 @@
-"""``ProgressBarHook``: training progress as a tqdm bar, or as log lines where tqdm is missing.
+"""``ProgressBarHook``: training progress as a tqdm bar, or as log lines.
+
+A bar is drawn only where someone watches it redraw: tqdm installed, and stderr a terminal or
+a Jupyter kernel running. Elsewhere (CI logs, ``nohup``, a redirected stderr) a redrawn bar
+turns into thousands of carriage-return fragments, so progress goes to this module's logger at
+INFO instead, which shows once the script configures logging at INFO.
 
 tqdm is optional (the package depends on torch only): it is imported when the first bar opens,
-through ``tqdm.auto`` so a notebook gets its widget. Without it, progress goes to this module's
-logger, which a script without a bar still shows once it configures logging.
+through ``tqdm.auto`` so a notebook gets its widget.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import datetime
 import importlib
 import logging
+import sys
 import time
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -33,6 +38,17 @@ def _import_tqdm() -> Any | None:
         return importlib.import_module("tqdm.auto").tqdm
     except ImportError:
         return None
+
+
+def _watched() -> bool:
+    """Whether a bar would be seen redrawing: stderr is a terminal, or this is a notebook."""
+    if "ipykernel" in sys.modules:  # Jupyter: tqdm.auto draws a widget, not on stderr
+        return True
+    stream = sys.stderr
+    try:
+        return stream is not None and stream.isatty()
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False
 
 
 class _Display(Protocol):
@@ -109,17 +125,21 @@ def _duration(seconds: float) -> str:
 
 
 class ProgressBarHook(SessionRunHook):
-    """Shows the global step's progress towards ``total``: a tqdm bar, or log lines without tqdm.
+    """Shows the global step's progress towards ``total``: a tqdm bar, or log lines.
 
     ``total`` is the global step at which training ends, as ``StopAtStepHook(last_step=...)``
     counts it, so a resumed run's bar starts part-full; None gives a bar with a count and a rate
     but no end. The bar opens as the first step starts (its rate leaves out the restore) and
-    closes when the step reaches ``total`` or in ``end()``. Without tqdm, a line goes to this
-    module's logger at INFO every tenth of the way or every 30 seconds, whichever comes first,
-    and at the end.
+    closes when the step reaches ``total`` or in ``end()``.
+
+    The bar is a tqdm bar when tqdm is installed and stderr is a terminal (or in Jupyter).
+    Otherwise (no tqdm, CI logs, a redirected stderr) a line goes to this module's logger at
+    INFO every tenth of the way or every 30 seconds, whichever comes first, and at the end;
+    configure logging at INFO to see them.
 
     On an exception that leaves the ``with`` block, the runner skips ``end()`` (TensorFlow's
-    rule): the bar closes when the hook is reused or garbage collected, or call ``close()``.
+    rule): the bar stays open (log lines: the last one is not written) until ``close()`` is
+    called or the hook is reused in another session, whose ``begin()`` closes it.
     """
 
     def __init__(self, total: int | None = None) -> None:
@@ -170,7 +190,7 @@ class ProgressBarHook(SessionRunHook):
             display.close()
 
     def _open(self, start: int) -> _Display:
-        tqdm = _import_tqdm()
+        tqdm = _import_tqdm() if _watched() else None
         if tqdm is None:
             return _LogLines(start, self._total)
         return _TqdmBar(tqdm, start, self._total)
