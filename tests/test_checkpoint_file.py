@@ -337,3 +337,38 @@ def test_the_crc_is_the_same_whether_computed_beside_the_write_or_inline(
     data[len(data) // 3] ^= 0x80
     path.write_bytes(data)
     assert "checksum mismatch" in (verify_checkpoint(path) or "")
+
+
+def test_a_file_that_cannot_be_opened_is_an_oserror_and_a_failed_read_is_corruption(
+    tmp_path, monkeypatch
+):
+    import builtins
+    import errno
+    import io
+
+    path = tmp_path / "model.ckpt-1"
+    write_checkpoint(path, _payload())
+    real_open = builtins.open
+
+    def no_permission(file: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+        if os.fspath(file) == str(path):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", no_permission)
+    with pytest.raises(PermissionError):
+        load_checkpoint(path)
+    assert "unreadable: Permission denied" == verify_checkpoint(path)
+
+    class FailingReads(io.BufferedReader):
+        def read(self, *args: Any) -> bytes:
+            raise OSError(errno.EIO, "Input/output error")
+
+    def failing_reads(file: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+        if os.fspath(file) == str(path):
+            return FailingReads(io.FileIO(str(path), "rb"))
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", failing_reads)
+    with pytest.raises(CheckpointCorruptedError, match="is corrupted: unreadable: Input/output"):
+        load_checkpoint(path)

@@ -20,7 +20,7 @@ import torch
 
 from ._errors import CheckpointCorruptedError
 from ._fsutil import atomic_write
-from ._integrity import save_with_checksum, verify
+from ._integrity import save_with_checksum, verify, verify_open_file
 
 logger = logging.getLogger(__name__)
 
@@ -70,12 +70,10 @@ def load_checkpoint(
             f"The passed save_path is not a valid checkpoint: {path} is a directory, not a file"
         )
     _check_map_location(map_location)
-    problem = verify(path)
+    # A file that cannot be opened (no permission) is the OSError it is, not a damaged file.
+    with open(path, "rb") as f:
+        problem = verify_open_file(f)
     if problem is not None:
-        if problem.startswith("unreadable"):
-            # Permission and I/O errors are the OSErrors they are, not damage to the file.
-            with open(path, "rb"):
-                pass
         raise CheckpointCorruptedError(f"Checkpoint {path} is corrupted: {problem}")
     return _as_payload(path, _read_payload(path, map_location))
 
@@ -93,11 +91,8 @@ def _check_map_location(map_location: MAP_LOCATION) -> None:
 
 
 def _read_payload(path: str, map_location: MAP_LOCATION) -> Any:
-    # Opening first lets a permission problem surface as the OSError it is: torch.load reports a
-    # damaged archive as OSError too (EINVAL from its zip reader), so after this point every
-    # error means "this file does not load".
-    with open(path, "rb"):
-        pass
+    # The file opened for its checksum, so every error here means "this file does not load":
+    # torch.load reports a damaged archive as OSError too (EINVAL from its zip reader).
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:

@@ -152,13 +152,22 @@ def save_with_checksum(obj: Any, file: BinaryIO) -> None:
 def verify(path: str | os.PathLike[str]) -> str | None:
     """The problem found in the file at ``path``, or None when its checksum holds."""
     try:
-        with open(path, "rb") as f:
-            return _verify_open_file(f, os.fstat(f.fileno()).st_size)
+        f = open(path, "rb")  # noqa: SIM115  # closed below; an open error is a problem too
+    except OSError as err:
+        return f"unreadable: {err.strerror or err}"
+    with f:
+        return verify_open_file(f)
+
+
+def verify_open_file(f: io.BufferedReader) -> str | None:
+    """The problem found in the open file ``f``, or None; a failed read is "unreadable"."""
+    try:
+        return _check(f, os.fstat(f.fileno()).st_size)
     except OSError as err:
         return f"unreadable: {err.strerror or err}"
 
 
-def _verify_open_file(f: io.BufferedReader, size: int) -> str | None:
+def _check(f: io.BufferedReader, size: int) -> str | None:
     if size < _EOCD_SIZE + TRAILER_SIZE:
         return f"truncated: {size} bytes is too short for a checkpoint"
     f.seek(size - TRAILER_SIZE)

@@ -131,10 +131,9 @@ class Saver:
         self._wait_for_previous(path)
         self._open_directory(directory)
         state = session.state_dict()
-        coarse = _on_device(state["extra_state"])
         payload, fence = self._staging.stage(state)
         if fence.on_device:
-            session._protect_until_copied(fence, coarse=coarse)
+            session._protect_until_copied(fence, coarse=_on_device(state["extra_state"]))
         saved_at = time.time()  # the save's time is the call's, as in TensorFlow
         handle = start_write(path, lambda: self._write(path, payload, fence, saved_at))
         self._handles = [h for h in self._handles if h.failed() and not h.reported]
