@@ -171,24 +171,27 @@ class OpenGateOnWarning(logging.Handler):
         self.gate.open()
 
 
+@pytest.fixture
+def opener(gate: WriteGate) -> Iterator[OpenGateOnWarning]:
+    handler = OpenGateOnWarning(gate)
+    logging.getLogger("torch_ckpt_hook").addHandler(handler)
+    yield handler
+    logging.getLogger("torch_ckpt_hook").removeHandler(handler)
+
+
 def test_a_slow_writer_lets_training_go_on_and_the_next_trigger_waits_with_a_warning(
-    tmp_path: pathlib.Path, gate: WriteGate
+    tmp_path: pathlib.Path, gate: WriteGate, opener: OpenGateOnWarning
 ) -> None:
     model, optimizer = _bn_model_and_adamw()
     step = make_train_step(model, optimizer)
-    opener = OpenGateOnWarning(gate)
-    logging.getLogger("torch_ckpt_hook").addHandler(opener)
-    try:
-        with MonitoredTrainingSession(
-            model, optimizer, checkpoint_dir=str(tmp_path), save_checkpoint_steps=2
-        ) as sess:
-            assert gate.waiting.wait(30)  # the save made at creation is held by the gate
-            sess.run(step)
-            assert 1 == sess.global_step, "training went on while the save was being written"
-            assert get_checkpoint_state(str(tmp_path)) is None, "and nothing is committed yet"
-            sess.run(step)  # step 2 triggers: it must wait for the save of step 0
-    finally:
-        logging.getLogger("torch_ckpt_hook").removeHandler(opener)
+    with MonitoredTrainingSession(
+        model, optimizer, checkpoint_dir=str(tmp_path), save_checkpoint_steps=2
+    ) as sess:
+        assert gate.waiting.wait(30)  # the save made at creation is held by the gate
+        sess.run(step)
+        assert 1 == sess.global_step, "training went on while the save was being written"
+        assert get_checkpoint_state(str(tmp_path)) is None, "and nothing is committed yet"
+        sess.run(step)  # step 2 triggers: it must wait for the save of step 0
 
     assert 1 == len(opener.messages)
     assert "save interval is shorter than a save takes" in opener.messages[0]
@@ -496,22 +499,17 @@ class OrderListener(CheckpointSaverListener):
 
 
 def test_with_a_slow_writer_listener_calls_stay_paired_and_see_their_checkpoint(
-    tmp_path: pathlib.Path, gate: WriteGate
+    tmp_path: pathlib.Path, opener: OpenGateOnWarning
 ) -> None:
     model, optimizer = _bn_model_and_adamw()
     step = make_train_step(model, optimizer)
     listener = OrderListener(tmp_path)
-    opener = OpenGateOnWarning(gate)
     hook = CheckpointSaverHook(
         str(tmp_path), save_steps=1, saver=Saver(max_to_keep=1), listeners=[listener]
     )
-    logging.getLogger("torch_ckpt_hook").addHandler(opener)
-    try:
-        with MonitoredTrainingSession(model, optimizer, hooks=[hook]) as sess:
-            sess.run(step)  # triggers while the save of step 0 is held: waits, then pairs
-            sess.run(step)
-    finally:
-        logging.getLogger("torch_ckpt_hook").removeHandler(opener)
+    with MonitoredTrainingSession(model, optimizer, hooks=[hook]) as sess:
+        sess.run(step)  # triggers while the save of step 0 is held: waits, then pairs
+        sess.run(step)
 
     assert [
         "before 0", "after 0", "before 1", "after 1", "before 2", "after 2"
