@@ -11,6 +11,7 @@ EXPECTED = {
     "CheckpointSaverHook",
     "CheckpointSaverListener",
     "CheckpointState",
+    "CheckpointUnloadableError",
     "LoggingTensorHook",
     "MonitoredSession",
     "MonitoredTrainingSession",
@@ -55,4 +56,5 @@ def test_errors_form_one_tree_rooted_in_runtime_error() -> None:
     assert issubclass(torch_ckpt_hook.CheckpointError, RuntimeError)
     assert issubclass(torch_ckpt_hook.CheckpointCorruptedError, torch_ckpt_hook.CheckpointError)
     assert issubclass(torch_ckpt_hook.CheckpointSaveError, torch_ckpt_hook.CheckpointError)
+    assert issubclass(torch_ckpt_hook.CheckpointUnloadableError, torch_ckpt_hook.CheckpointError)
     assert issubclass(torch_ckpt_hook.NanLossDuringTrainingError, RuntimeError)

@@ -7,6 +7,7 @@ from ._errors import (
     CheckpointCorruptedError,
     CheckpointError,
     CheckpointSaveError,
+    CheckpointUnloadableError,
     NanLossDuringTrainingError,
 )
 from ._hooks import SessionRunArgs, SessionRunContext, SessionRunHook, SessionRunValues
@@ -29,6 +30,7 @@ __all__ = [
     "CheckpointSaverHook",
     "CheckpointSaverListener",
     "CheckpointState",
+    "CheckpointUnloadableError",
     "LoggingTensorHook",
     "MonitoredSession",
     "MonitoredTrainingSession",

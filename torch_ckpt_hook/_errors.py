@@ -8,7 +8,16 @@ class CheckpointError(RuntimeError):
 
 
 class CheckpointCorruptedError(CheckpointError):
-    """A checkpoint file fails verification or cannot be parsed."""
+    """A checkpoint file is damaged: truncated, a checksum mismatch, an archive that won't parse."""
+
+
+class CheckpointUnloadableError(CheckpointError):
+    """A checkpoint file is intact but cannot be loaded as asked.
+
+    It holds an object ``weights_only`` loading refuses, it has no checksum (written by plain
+    ``torch.save``; ``load_checkpoint(..., verify=False)`` loads it), or ``map_location`` names a
+    device this machine does not have.
+    """
 
 
 class CheckpointSaveError(CheckpointError):
