@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -51,3 +53,32 @@ def make_train_step(
         return {"loss": loss.detach()}
 
     return step
+
+
+def call_within(
+    seconds: float, call: Callable[[], Any], on_timeout: Callable[[], None] | None = None
+) -> Any:
+    """``call()``'s result (or its exception), failing the test rather than hanging it.
+
+    A call still running after ``seconds`` blocked (on a FIFO, a device): ``on_timeout`` may
+    unblock it (open the FIFO's other end) before the test fails.
+    """
+    outcome: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            outcome["value"] = call()
+        except BaseException as err:
+            outcome["error"] = err
+
+    worker = threading.Thread(target=target, daemon=True)
+    worker.start()
+    worker.join(seconds)
+    if worker.is_alive():
+        if on_timeout is not None:
+            on_timeout()
+            worker.join(seconds)
+        pytest.fail(f"still running after {seconds} s: it blocked")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import os
 import pathlib
 import pickle
+import re
 import shlex
 from typing import Any
 
@@ -12,8 +14,15 @@ import pytest
 import torch
 
 import torch_ckpt_hook
-from torch_ckpt_hook._checkpoint_file import load_checkpoint, verify_checkpoint, write_checkpoint
-from torch_ckpt_hook._errors import CheckpointCorruptedError
+from torch_ckpt_hook._checkpoint_file import (
+    CheckpointProblem,
+    check_checkpoint,
+    load_checkpoint,
+    verify_checkpoint,
+    write_checkpoint,
+)
+from torch_ckpt_hook._errors import CheckpointCorruptedError, CheckpointUnloadableError
+from torch_ckpt_hook._integrity import ChecksumWriter, save_with_checksum
 from torch_ckpt_hook._session import FORMAT_VERSION, Session
 
 _CALLS: list[str] = []
@@ -103,7 +112,10 @@ def test_load_of_missing_path_raises_value_error_naming_it(tmp_path):
 def test_load_of_directory_raises_value_error_naming_it(tmp_path):
     with pytest.raises(
         ValueError,
-        match=f"The passed save_path is not a valid checkpoint: {tmp_path} is a directory",
+        match=(
+            f"The passed save_path is not a valid checkpoint: {tmp_path} is a directory, "
+            "not a regular file"
+        ),
     ):
         load_checkpoint(tmp_path)
 
@@ -137,8 +149,8 @@ def test_crafted_pickle_is_refused_without_running_its_code(tmp_path):
     _CALLS.clear()
 
     with pytest.raises(
-        CheckpointCorruptedError,
-        match=f"Checkpoint {path} is corrupted or unreadable: weights_only loading refused",
+        CheckpointUnloadableError,
+        match=f"Checkpoint {path} cannot be loaded: weights_only loading refused an object it holds",
     ) as info:
         load_checkpoint(path)
 
@@ -158,23 +170,26 @@ def test_crafted_pickle_calling_os_system_runs_no_command(tmp_path):
     )
 
     with pytest.raises(
-        CheckpointCorruptedError,
-        match=f"weights_only loading refused .*GLOBAL {os.system.__module__}.system",
+        CheckpointUnloadableError,
+        match=rf"weights_only loading refused an object it holds \(GLOBAL {os.system.__module__}\.system ",
     ):
         load_checkpoint(path)
 
     assert not marker.exists()
 
 
-def test_the_refusal_never_advises_allowlisting_the_refused_global(tmp_path):
+def test_the_refusal_never_advises_allowlisting_or_turning_weights_only_off(tmp_path):
     path = tmp_path / "model.ckpt-1"
     write_checkpoint(path, {"format_version": 1, "evil": _AppendsToListWhenUnpickled()})
 
-    with pytest.raises(CheckpointCorruptedError) as info:
+    with pytest.raises(CheckpointUnloadableError) as info:
         load_checkpoint(path)
 
-    assert "add_safe_globals" not in str(info.value)
-    assert "safe_globals" not in str(info.value)
+    message = str(info.value)
+    assert "safe_globals" not in message
+    assert "weights_only=False" not in message
+    assert "set to `False`" not in message
+    assert 1 == len(message.splitlines()), message
 
 
 @pytest.mark.parametrize(
@@ -185,15 +200,15 @@ def test_the_refusal_never_advises_allowlisting_the_refused_global(tmp_path):
         ({"model": {}, "global_step": 1}, r"a dict with keys \['global_step', 'model'\]"),
     ],
 )
-def test_load_of_file_without_payload_raises_corrupted_error(tmp_path, saved, what):
+def test_load_of_intact_file_without_payload_is_unloadable_not_corrupted(tmp_path, saved, what):
     path = tmp_path / "model.ckpt-1"
     write_checkpoint(path, saved)
 
     with pytest.raises(
-        CheckpointCorruptedError,
+        CheckpointUnloadableError,
         match=(
             f"Checkpoint {path} holds no torch_ckpt_hook payload: expected a dict with "
-            f"'format_version', got {what}"
+            f"'format_version', got {what}; it loads, but is not a checkpoint this package wrote"
         ),
     ):
         load_checkpoint(path)
@@ -260,27 +275,226 @@ def test_load_of_a_file_with_a_flipped_bit_raises_checksum_mismatch(tmp_path):
         load_checkpoint(path)
 
 
-def test_a_plain_torch_save_file_has_no_checksum(tmp_path):
+def test_a_plain_torch_save_file_has_no_checksum_and_is_unloadable_not_corrupted(tmp_path):
     path = tmp_path / "model.ckpt-1"
     torch.save(_payload(), path)
 
-    assert "no checksum: a plain torch.save archive" in (verify_checkpoint(path) or "")
-    with pytest.raises(CheckpointCorruptedError, match="no checksum"):
+    assert (
+        "no checksum: a plain torch.save archive, not written by torch_ckpt_hook, so damage to "
+        "it cannot be detected"
+    ) == verify_checkpoint(path)
+    assert "unloadable" == getattr(check_checkpoint(path), "kind", None)
+    with pytest.raises(
+        CheckpointUnloadableError,
+        match=(
+            f"Checkpoint {path} cannot be loaded: no checksum: a plain torch.save archive, .*; "
+            r"if you trust it, load_checkpoint\(path, verify=False\) loads it, still with "
+            "weights_only=True"
+        ),
+    ):
         load_checkpoint(path)
 
 
-@pytest.mark.parametrize("name", ["missing", "dir"])
-def test_verify_reports_an_unreadable_path(tmp_path, name):
-    path = tmp_path / name
-    if name == "dir":
+def test_verify_false_loads_a_plain_torch_save_file_still_with_weights_only(tmp_path, monkeypatch):
+    path = tmp_path / "model.ckpt-1"
+    torch.save(_payload(step=4), path)
+    calls: list[Any] = []
+    real_load = torch.load
+
+    def recording_load(*args: Any, **kwargs: Any) -> Any:
+        calls.append(kwargs.get("weights_only"))
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", recording_load)
+
+    assert 4 == load_checkpoint(path, verify=False)["global_step"]
+    assert [True] == calls
+
+
+def test_a_torch_save_file_of_the_format_before_zip_archives_is_unloadable(tmp_path):
+    path = tmp_path / "model.ckpt-1"
+    torch.save(_payload(step=5), path, _use_new_zipfile_serialization=False)
+
+    assert CheckpointProblem(
+        "unloadable",
+        "no checksum: a torch.save file of the format before zip archives (torch < 1.6), not "
+        "written by torch_ckpt_hook, so damage to it cannot be detected",
+    ) == check_checkpoint(path)
+    with pytest.raises(CheckpointUnloadableError, match=r"no checksum: a torch\.save file of the"):
+        load_checkpoint(path)
+    assert 5 == load_checkpoint(path, verify=False)["global_step"]
+
+
+def test_verify_false_still_reports_a_damaged_file_as_corrupted(tmp_path):
+    path = tmp_path / "model.ckpt-1"
+    torch.save(_payload(), path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+    with pytest.raises(
+        CheckpointCorruptedError,
+        match=(
+            f"Checkpoint {path} is corrupted: torch.load cannot parse it: .*"
+            r"\(its checksum was not checked: verify=False\)"
+        ),
+    ):
+        load_checkpoint(path, verify=False)
+
+
+def test_a_file_whose_checksum_holds_but_torch_cannot_parse_is_unloadable(tmp_path):
+    # What a newer torch's format would look like to this one: bytes exactly as written, so not
+    # damage, but not parseable here. Made by breaking the pickle before the checksum is taken.
+    plain = io.BytesIO()
+    torch.save({"format_version": 1, "x": [1, 2, 3], "t": torch.zeros(3)}, plain)
+    data = bytearray(plain.getvalue())
+    data[data.find(b"data.pkl") + 61] ^= 0x55  # "Unsupported operand" for the unpickler
+    path = tmp_path / "model.ckpt-1"
+    with open(path, "wb") as f:
+        writer = ChecksumWriter(f)
+        writer.write(bytes(data))
+        writer.finish()
+    assert verify_checkpoint(path) is None
+
+    with pytest.raises(
+        CheckpointUnloadableError,
+        match=(
+            f"Checkpoint {path} cannot be loaded: its checksum holds, so its bytes are as they "
+            f"were written, but torch {re.escape(torch.__version__)} cannot parse them "
+            r"\(the weights_only unpickler failed: Unsupported operand"
+        ),
+    ) as info:
+        load_checkpoint(path)
+    assert "weights_only=False" not in str(info.value)
+    assert "set to `False`" not in str(info.value)
+
+
+def _save_with_checksum(path: pathlib.Path, payload: Any) -> None:
+    with open(path, "wb") as f:
+        save_with_checksum(payload, f)
+
+
+class _CustomValue:
+    pass
+
+
+def test_a_numpy_array_in_a_checksummed_file_is_unloadable_naming_the_global(tmp_path):
+    numpy = pytest.importorskip("numpy")
+    path = tmp_path / "model.ckpt-1"
+    _save_with_checksum(path, {"format_version": 1, "stats": numpy.zeros(3)})
+    assert check_checkpoint(path) is None, "the file is intact"
+
+    with pytest.raises(
+        CheckpointUnloadableError,
+        match=(
+            f"Checkpoint {path} cannot be loaded: weights_only loading refused an object it "
+            r"holds \(GLOBAL numpy\.\S+ was not an allowed global by default\); a checkpoint "
+            "may hold only tensors and plain Python values"
+        ),
+    ) as info:
+        load_checkpoint(path)
+    assert "safe_globals" not in str(info.value)
+
+
+def test_a_custom_class_in_a_checksummed_file_is_unloadable_naming_the_global(tmp_path):
+    path = tmp_path / "model.ckpt-1"
+    _save_with_checksum(path, {"format_version": 1, "extra": _CustomValue()})
+
+    with pytest.raises(
+        CheckpointUnloadableError,
+        match=rf"\(GLOBAL {__name__}\._CustomValue was not an allowed global by default\)",
+    ):
+        load_checkpoint(path)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize("map_location", ["cuda", "cuda:0", torch.device("cuda", 1)])
+def test_a_cuda_map_location_without_cuda_is_unloadable_not_corrupted(tmp_path, map_location):
+    path = tmp_path / "model.ckpt-1"
+    write_checkpoint(path, _payload())
+
+    with pytest.raises(
+        CheckpointUnloadableError,
+        match=(
+            rf"Checkpoint {path} cannot be loaded with map_location={re.escape(repr(map_location))} "
+            r"\(the file itself is intact\): this machine has no CUDA device "
+            r"\(torch\.cuda\.is_available\(\) is False\); pass map_location='cpu'"
+        ),
+    ):
+        load_checkpoint(path, map_location=map_location)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_a_damaged_file_is_corrupted_whatever_the_map_location(tmp_path):
+    path = tmp_path / "model.ckpt-1"
+    write_checkpoint(path, _payload())
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(data)
+
+    with pytest.raises(CheckpointCorruptedError, match="is corrupted: checksum mismatch"):
+        load_checkpoint(path, map_location="cuda")
+
+
+def test_a_file_holding_cuda_tensors_without_cuda_is_unloadable(tmp_path):
+    # torch.load's own device check (here reached through a map_location callable this package
+    # cannot look into) is unloadable too, not damage.
+    path = tmp_path / "model.ckpt-1"
+    write_checkpoint(path, _payload())
+
+    def to_cuda(storage: Any, location: str) -> Any:
+        raise RuntimeError(
+            "Attempting to deserialize object on a CUDA device but torch.cuda.is_available() is "
+            "False. If you are running on a CPU-only machine, please use torch.load with ..."
+        )
+
+    with pytest.raises(
+        CheckpointUnloadableError,
+        match=(
+            f"Checkpoint {path} cannot be loaded with map_location=<function .*>: Attempting to "
+            r"deserialize object on a CUDA device but torch\.cuda\.is_available\(\) is False; "
+            "pass map_location='cpu'"
+        ),
+    ):
+        load_checkpoint(path, map_location=to_cuda)
+
+
+@pytest.mark.parametrize(
+    ("setup", "kind", "message"),
+    [
+        ("intact", None, None),
+        ("flipped", "corrupted", "checksum mismatch: "),
+        ("truncated", "corrupted", "truncated or damaged: "),
+        ("plain", "unloadable", "no checksum: a plain torch.save archive"),
+        ("missing", "unreadable", "unreadable: No such file or directory"),
+        ("dir", "not_a_file", "not a regular file: it is a directory"),
+    ],
+)
+def test_check_checkpoint_sorts_each_problem_into_its_kind(tmp_path, setup, kind, message):
+    # FIFOs, devices and sockets: test_nonregular_files.py, under a deadline.
+    path = tmp_path / "model.ckpt-1"
+    if setup in ("intact", "flipped", "truncated"):
+        write_checkpoint(path, _payload())
+        data = bytearray(path.read_bytes())
+        if setup == "flipped":
+            data[len(data) // 3] ^= 0x04
+        if setup == "truncated":
+            data = data[:-10]
+        path.write_bytes(data)
+    elif setup == "plain":
+        torch.save(_payload(), path)
+    elif setup == "dir":
         path.mkdir()
 
-    assert (verify_checkpoint(path) or "").startswith("unreadable: ")
+    problem = check_checkpoint(path)
+
+    assert kind == (None if problem is None else problem.kind)
+    assert (problem.message if problem is not None else None) == verify_checkpoint(path)
+    if message is not None:
+        assert problem is not None
+        assert problem.message.startswith(message), problem
 
 
 def test_checksum_writer_handles_writes_of_any_size(tmp_path):
-    from torch_ckpt_hook._integrity import ChecksumWriter
-
     class OneByteAtATime:
         def __init__(self, target: Any) -> None:
             self.target = target
@@ -339,7 +553,7 @@ def test_the_crc_is_the_same_whether_computed_beside_the_write_or_inline(
     assert "checksum mismatch" in (verify_checkpoint(path) or "")
 
 
-def test_a_file_that_cannot_be_opened_is_an_oserror_and_a_failed_read_is_corruption(
+def test_a_file_that_cannot_be_opened_or_read_is_an_oserror_and_unreadable_not_corrupted(
     tmp_path, monkeypatch
 ):
     import builtins
@@ -358,7 +572,9 @@ def test_a_file_that_cannot_be_opened_is_an_oserror_and_a_failed_read_is_corrupt
     monkeypatch.setattr(builtins, "open", no_permission)
     with pytest.raises(PermissionError):
         load_checkpoint(path)
-    assert "unreadable: Permission denied" == verify_checkpoint(path)
+    assert CheckpointProblem("unreadable", "unreadable: Permission denied") == check_checkpoint(
+        path
+    )
 
     class FailingReads(io.BufferedReader):
         def read(self, *args: Any) -> bytes:
@@ -370,5 +586,10 @@ def test_a_file_that_cannot_be_opened_is_an_oserror_and_a_failed_read_is_corrupt
         return real_open(file, mode, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "open", failing_reads)
-    with pytest.raises(CheckpointCorruptedError, match="is corrupted: unreadable: Input/output"):
+    # An I/O error says nothing of the bytes: not corruption, which a user would delete.
+    with pytest.raises(OSError, match="Input/output error") as info:
         load_checkpoint(path)
+    assert not isinstance(info.value, CheckpointCorruptedError)
+    assert CheckpointProblem("unreadable", "unreadable: Input/output error") == check_checkpoint(
+        path
+    )

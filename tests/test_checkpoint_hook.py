@@ -195,6 +195,145 @@ class DeferredSaver(Saver):
         super().wait_until_finished(timeout)
 
 
+class ListenerBug(Exception):
+    """The user's own error type: an ``except ListenerBug`` around ``run()`` must still catch it."""
+
+
+class RaisingListener(MockListener):
+    """A ``MockListener`` whose ``method`` raises ``ListenerBug`` after recording the call.
+
+    It raises at the steps in ``steps``, or at every call when ``steps`` is None.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        events: list[str] | None = None,
+        *,
+        method: str,
+        steps: set[int] | None = None,
+    ) -> None:
+        super().__init__(name, events)
+        self.method = method
+        self.steps = steps
+        self.raised: list[ListenerBug] = []
+
+    def __repr__(self) -> str:
+        return f"RaisingListener({self.name!r})"
+
+    def _maybe_raise(self, method: str, step: int | None = None) -> None:
+        if method == self.method and (self.steps is None or step in self.steps):
+            err = ListenerBug(f"{self.name}.{method} failed")
+            self.raised.append(err)
+            raise err
+
+    def begin(self) -> None:
+        super().begin()
+        self._maybe_raise("begin")
+
+    def before_save(self, session: Session, global_step_value: int) -> None:
+        super().before_save(session, global_step_value)
+        self._maybe_raise("before_save", global_step_value)
+
+    def after_save(self, session: Session, global_step_value: int) -> bool | None:
+        stop = super().after_save(session, global_step_value)
+        self._maybe_raise("after_save", global_step_value)
+        return stop
+
+    def end(self, session: Session, global_step_value: int) -> None:
+        super().end(session, global_step_value)
+        self._maybe_raise("end", global_step_value)
+
+
+class HeldHandle(DeferredHandle):
+    """A save that finished, but says so only once waited on: the loop moved on before it did."""
+
+    def __init__(self, handle: Any) -> None:
+        super().__init__(handle.path)
+        self._handle = handle
+
+    def result(self) -> str:
+        super().result()
+        return str(self._handle.result())
+
+
+class FlakySaver(Saver):
+    """The write of each step in ``fail_steps`` fails once, on the writer thread.
+
+    While that write runs, a directory stands where the checkpoint goes, so its final rename
+    fails as a full disk would fail it, and nothing is committed. With ``hold``, the failed save
+    reports itself only when the hook waits for it.
+    """
+
+    def __init__(self, fail_steps: set[int], *, hold: bool = False) -> None:
+        super().__init__(max_to_keep=None)
+        self.fail_steps = set(fail_steps)
+        self.hold = hold
+
+    def save(
+        self,
+        session: Session,
+        save_path: str,
+        global_step: int | None = None,
+        *,
+        blocking: bool = True,
+    ) -> Any:
+        if global_step not in self.fail_steps:
+            return super().save(session, save_path, global_step, blocking=blocking)
+        self.fail_steps.discard(global_step)
+        in_the_way = f"{save_path}-{global_step}"
+        os.mkdir(in_the_way)
+        try:
+            handle = super().save(session, save_path, global_step, blocking=False)
+            handle.wait()
+        finally:
+            os.rmdir(in_the_way)
+        if blocking:
+            return handle.result()
+        return HeldHandle(handle) if self.hold else handle
+
+
+class HungHandle:
+    """A write that never finishes: every wait times out, as ``SaveHandle.wait`` does."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.waits = 0
+
+    def done(self) -> bool:
+        return False
+
+    def wait(self, timeout: float | None = None) -> None:
+        self.waits += 1
+        raise CheckpointSaveError(f"Saving {self.path} did not finish within {timeout:g} s")
+
+
+class HungSaver(Saver):
+    """Commits every save but the one of ``hung_step``, whose write hangs."""
+
+    def __init__(self, hung_step: int) -> None:
+        super().__init__(max_to_keep=None, drain_timeout_secs=30)
+        self.hung_step = hung_step
+        self.hung: HungHandle | None = None
+
+    def save(
+        self,
+        session: Session,
+        save_path: str,
+        global_step: int | None = None,
+        *,
+        blocking: bool = True,
+    ) -> Any:
+        if global_step != self.hung_step:
+            return super().save(session, save_path, global_step, blocking=blocking)
+        self.hung = HungHandle(f"{save_path}-{global_step}")
+        return self.hung
+
+
+def notes(err: BaseException) -> list[str]:
+    return list(getattr(err, "__notes__", []))
+
+
 def _model_and_optimizer() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     torch.manual_seed(0)
     model = torch.nn.Linear(3, 1)
@@ -1273,16 +1412,396 @@ def test_monitored_training_session_checkpoints_are_durable_either_way(
 def test_the_creation_save_is_made_when_the_newest_checkpoint_was_not_restored(
     tmp_path: pathlib.Path,
 ) -> None:
-    # The newest checkpoint is corrupted, so nothing is restored and the session is at step 0:
-    # the save at creation must replace it, not trust its name.
-    (tmp_path / "model.ckpt-0").write_bytes(b"garbage")
-    (tmp_path / "checkpoint").write_text(
-        'model_checkpoint_path: "model.ckpt-0"\nall_model_checkpoint_paths: "model.ckpt-0"\n'
+    # The hook's directory names a damaged model.ckpt-2 as its newest, and the session is at
+    # step 2, restored from an intact file elsewhere: the save at creation must replace the
+    # damaged file, not trust its name.
+    directory, elsewhere = tmp_path / "run", tmp_path / "elsewhere"
+    directory.mkdir()
+    elsewhere.mkdir()
+    restored = Saver().save(
+        Session(torch.nn.Linear(1, 1), global_step=2), str(elsewhere / "model.ckpt"), 2
     )
-    with MonitoredTrainingSession(
-        torch.nn.Linear(1, 1), checkpoint_dir=str(tmp_path), save_checkpoint_steps=10
+    (directory / "model.ckpt-2").write_bytes(b"garbage")
+    (directory / "checkpoint").write_text(
+        'model_checkpoint_path: "model.ckpt-2"\nall_model_checkpoint_paths: "model.ckpt-2"\n'
+    )
+    hook = CheckpointSaverHook(str(directory), save_steps=10)
+    with MonitoredSession(
+        torch.nn.Linear(1, 1), hooks=[hook], checkpoint_filename_with_path=restored
+    ) as sess:
+        assert 2 == sess.global_step
+    assert 2 == load_step(directory)
+
+
+# -- listener faults (SPEC 5.1: faults in the user's code stay contained) -------------------------
+
+
+@pytest.mark.parametrize("async_save", [True, False])
+def test_a_before_save_that_raises_still_commits_and_keeps_the_other_listeners_paired(
+    tmp_path: pathlib.Path, async_save: bool
+) -> None:
+    events: list[str] = []
+    first, last = MockListener("first", events), MockListener("last", events)
+    bad = RaisingListener("bad", events, method="before_save", steps={2})
+    hook = CheckpointSaverHook(
+        str(tmp_path), save_steps=2, listeners=[first, bad, last], async_save=async_save
+    )
+    hook.begin()
+    sess = HookedSession(hook)
+    sess.create()
+    sess.run()
+    with pytest.raises(ListenerBug, match=r"^bad\.before_save failed\n") as info:
+        sess.run()  # step 2
+    assert bad.raised == [info.value], "the listener's own exception, raised once"
+    assert 2 == sess.latest_step(tmp_path)
+    assert ["first.before_save 2", "bad.before_save 2", "last.before_save 2"] == [
+        e for e in events if e.endswith("save 2") and "before" in e
+    ]
+    assert [0, 2] == first.after_save_steps
+    assert [0, 2] == last.after_save_steps
+    assert [0] == bad.after_save_steps, "its before_save(2) raised: no after_save(2)"
+
+    sess.run()
+    sess.run()  # step 4: the next trigger saves as usual, for every listener
+    sess.end()
+    assert [0, 2, 4] == saved_steps(tmp_path)
+    for listener in (first, bad, last):
+        assert [0, 2, 4] == listener.before_save_steps, listener
+        assert [4] == listener.end_steps, listener
+    assert [0, 2, 4] == first.after_save_steps
+    assert [0, 4] == bad.after_save_steps
+    assert 1 == len(bad.raised)
+
+
+@pytest.mark.parametrize("async_save", [True, False])
+def test_an_after_save_that_raises_still_calls_the_later_listeners_and_is_raised_once(
+    tmp_path: pathlib.Path, async_save: bool
+) -> None:
+    bad = RaisingListener("bad", method="after_save", steps={1})
+    other = MockListener("other")
+    hook = CheckpointSaverHook(
+        str(tmp_path), save_steps=1, listeners=[bad, other], async_save=async_save
+    )
+    hook.begin()
+    sess = HookedSession(hook)
+    sess.create()
+    hook.wait_until_finished()
+
+    def run_and_wait() -> None:
+        sess.run()
+        hook.wait_until_finished()
+
+    with pytest.raises(ListenerBug, match=r"^bad\.after_save failed\n"):
+        run_and_wait()  # step 1
+    assert [0, 1] == other.after_save_steps
+    run_and_wait()  # step 2: saved as usual, and the error is not raised again
+    sess.end()
+    assert [0, 1, 2] == saved_steps(tmp_path)
+    assert [0, 1, 2] == other.before_save_steps
+    assert [0, 1, 2] == other.after_save_steps
+    assert [0, 1, 2] == bad.after_save_steps
+    assert 1 == len(bad.raised)
+
+
+def test_a_listener_error_keeps_its_type_and_a_note_names_the_listener_and_the_method(
+    tmp_path: pathlib.Path,
+) -> None:
+    bad = RaisingListener("bad", method="after_save", steps={1})
+    hook = CheckpointSaverHook(str(tmp_path), save_steps=1, listeners=[bad], async_save=False)
+    hook.begin()
+    sess = HookedSession(hook)
+    try:
+        sess.run()
+    except ListenerBug as err:  # the user's except clause, unchanged
+        caught = err
+    else:
+        pytest.fail("the listener's error did not propagate")
+    assert bad.raised == [caught]
+    assert [
+        "Raised by RaisingListener('bad').after_save(session, 1) in CheckpointSaverHook; "
+        f"checkpoint {tmp_path / 'model.ckpt-1'} is committed and the other listeners' "
+        "after_save(1) still ran."
+    ] == notes(caught)
+
+
+def test_a_before_save_error_is_noted_as_a_save_that_went_ahead(tmp_path: pathlib.Path) -> None:
+    bad = RaisingListener("bad", method="before_save")
+    hook = CheckpointSaverHook(str(tmp_path), save_steps=1, listeners=[bad], async_save=False)
+    hook.begin()
+    with pytest.raises(ListenerBug) as info:
+        HookedSession(hook).create()
+    assert [
+        "Raised by RaisingListener('bad').before_save(session, 0) in CheckpointSaverHook; the "
+        "save of step 0 went ahead, the other listeners were called, and this one gets no "
+        "after_save(0)."
+    ] == notes(info.value)
+    hook.wait_until_finished()
+    assert [0] == saved_steps(tmp_path)
+
+
+def test_when_several_listeners_raise_the_first_propagates_and_the_others_are_logged(
+    tmp_path: pathlib.Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.ERROR, logger=HOOK_LOGGER)
+    a = RaisingListener("a", method="after_save", steps={1})
+    b = RaisingListener("b", method="after_save", steps={1})
+    c = MockListener("c")
+    hook = CheckpointSaverHook(str(tmp_path), save_steps=1, listeners=[a, b, c], async_save=False)
+    hook.begin()
+    sess = HookedSession(hook)
+    with pytest.raises(ListenerBug, match=r"^a\.after_save failed\n"):
+        sess.run()
+    assert [1] == c.after_save_steps
+    logged = [r for r in caplog.records if r.name == HOOK_LOGGER and r.levelno >= logging.ERROR]
+    assert [
+        "CheckpointSaverHook: ListenerBug: b.after_save failed "
+        "(logged, not raised: ListenerBug was raised first)"
+    ] == [r.getMessage() for r in logged]
+    assert logged[0].exc_info is not None
+    assert b.raised == [logged[0].exc_info[1]], "logged with its traceback and its note"
+    assert "RaisingListener('b').after_save(session, 1)" in notes(b.raised[0])[0]
+
+
+def test_a_stop_asked_next_to_a_listener_error_takes_effect_at_the_next_after_run(
+    tmp_path: pathlib.Path,
+) -> None:
+    bad = RaisingListener("bad", method="after_save", steps={1})
+    stopper = MockListener("stopper")
+    stopper.ask_for_stop = True
+    hook = CheckpointSaverHook(
+        str(tmp_path), save_steps=10, listeners=[bad, stopper], async_save=False
+    )
+    hook.begin()
+    sess = HookedSession(hook)
+    with pytest.raises(ListenerBug):
+        sess.run()  # step 1 is saved: bad raises, stopper asks to stop
+    assert [1] == stopper.after_save_steps
+    assert sess.run().stop_requested
+
+
+def test_a_listener_begin_that_raises_still_begins_the_others(tmp_path: pathlib.Path) -> None:
+    bad, other = RaisingListener("bad", method="begin"), MockListener("other")
+    hook = CheckpointSaverHook(str(tmp_path), save_steps=1, listeners=[bad, other])
+    with pytest.raises(ListenerBug, match=r"^bad\.begin failed\n") as info:
+        hook.begin()
+    assert 1 == other.begin_count
+    assert [
+        "Raised by RaisingListener('bad').begin() in CheckpointSaverHook; the other listeners' "
+        "begin() still ran."
+    ] == notes(info.value)
+
+
+def test_a_listener_end_that_raises_comes_after_the_last_save_is_durable_and_every_end(
+    tmp_path: pathlib.Path,
+) -> None:
+    events: list[str] = []
+    bad = RaisingListener("bad", events, method="end")
+    other = MockListener("other", events)
+    hook = CheckpointSaverHook(str(tmp_path), save_steps=10, listeners=[bad, other])
+    hook.begin()
+    sess = HookedSession(hook)
+    sess.create()
+    sess.run()
+    sess.run()
+    with pytest.raises(ListenerBug, match=r"^bad\.end failed\n") as info:
+        sess.end()
+    assert [0, 2] == saved_steps(tmp_path), "durable before end() raised"
+    assert [
+        "bad.after_save 2",
+        "other.after_save 2",
+        "bad.end 2",
+        "other.end 2",
+    ] == events[-4:]
+    assert "RaisingListener('bad').end(session, 2)" in notes(info.value)[0]
+
+
+def test_a_before_save_that_raises_in_end_still_commits_the_last_step(
+    tmp_path: pathlib.Path,
+) -> None:
+    bad = RaisingListener("bad", method="before_save", steps={3})
+    other = MockListener("other")
+    hook = CheckpointSaverHook(str(tmp_path), save_steps=10, listeners=[bad, other])
+    hook.begin()
+    sess = HookedSession(hook)
+    sess.create()
+    for _ in range(3):
+        sess.run()
+    with pytest.raises(ListenerBug, match=r"^bad\.before_save failed\n"):
+        sess.end()
+    assert 3 == load_step(tmp_path)
+    assert [0, 3] == other.after_save_steps
+    assert [0] == bad.after_save_steps
+    assert [3] == other.end_steps
+    assert [3] == bad.end_steps
+
+
+def test_a_loop_that_catches_a_listener_error_trains_on_with_every_call_paired(
+    tmp_path: pathlib.Path,
+) -> None:
+    model, optimizer = _model_and_optimizer()
+    flaky = RaisingListener("flaky", method="after_save", steps={2})
+    other = MockListener("other")
+    hook = CheckpointSaverHook(str(tmp_path), save_steps=2, listeners=[flaky, other])
+    caught: list[ListenerBug] = []
+    with MonitoredSession(model, optimizer, hooks=[hook], checkpoint_dir=str(tmp_path)) as sess:
+        train_op = make_train_step(model, optimizer)
+        while sess.global_step < 5:
+            try:
+                sess.run(train_op)
+            except ListenerBug as err:
+                caught.append(err)
+    assert flaky.raised == caught
+    assert [0, 2, 4, 5] == saved_steps(tmp_path)
+    assert [0, 2, 4, 5] == other.before_save_steps
+    assert [0, 2, 4, 5] == other.after_save_steps
+    assert [0, 2, 4, 5] == flaky.after_save_steps
+    assert [5] == other.end_steps
+
+
+# -- a failed save never prevents the final save in end() (SPEC 5.1) -----------------------------
+
+
+@pytest.mark.parametrize("last_step_failed", [False, True])
+def test_end_saves_the_last_step_after_an_unreported_failure_then_raises_it_once(
+    tmp_path: pathlib.Path, last_step_failed: bool
+) -> None:
+    saver = FlakySaver({2}, hold=True)
+    listener = MockListener()
+    hook = CheckpointSaverHook(str(tmp_path), save_steps=2, saver=saver, listeners=[listener])
+    hook.begin()
+    sess = HookedSession(hook)
+    sess.create()
+    sess.run()
+    sess.run()  # step 2: its save fails on the writer thread; no hook call has seen it yet
+    if not last_step_failed:
+        sess.run()  # step 3
+    last = sess.session.global_step
+    failed = re.escape(str(tmp_path / "model.ckpt-2"))
+    with pytest.raises(CheckpointSaveError, match=rf"^Saving {failed} failed: ") as info:
+        sess.end()
+    assert last == load_step(tmp_path)
+    assert [0, last] == saved_steps(tmp_path)
+    assert [
+        f"CheckpointSaverHook.end() still committed the last step: "
+        f"{tmp_path / f'model.ckpt-{last}'} is durable."
+    ] == notes(info.value)
+    assert [0, last] == listener.after_save_steps
+    assert [last] == listener.end_steps
+    hook.wait_until_finished()  # raised once
+
+
+@pytest.mark.parametrize("async_save", [True, False])
+def test_end_saves_a_last_step_whose_failure_the_loop_caught_and_does_not_raise_it_again(
+    tmp_path: pathlib.Path, async_save: bool
+) -> None:
+    listener = MockListener()
+    hook = CheckpointSaverHook(
+        str(tmp_path),
+        save_steps=2,
+        saver=FlakySaver({2}),
+        listeners=[listener],
+        async_save=async_save,
+    )
+    hook.begin()
+    sess = HookedSession(hook)
+    sess.create()
+    sess.run()
+    with pytest.raises(CheckpointSaveError, match=r"model\.ckpt-2 failed: "):
+        sess.run()  # step 2: the failure surfaces in this after_run
+    sess.end()  # saves step 2 again; the failure was reported already
+    assert 2 == load_step(tmp_path)
+    assert [0, 2] == saved_steps(tmp_path)
+    assert [0, 2, 2] == listener.before_save_steps
+    assert [0, 2] == listener.after_save_steps
+    assert [2] == listener.end_steps
+
+
+def test_a_failure_caught_by_the_loop_does_not_cost_the_next_trigger_its_save(
+    tmp_path: pathlib.Path,
+) -> None:
+    hook = CheckpointSaverHook(str(tmp_path), save_steps=1, saver=FlakySaver({2}, hold=True))
+    hook.begin()
+    sess = HookedSession(hook)
+    sess.create()
+    sess.run()
+    sess.run()  # step 2: its save fails unseen
+    with pytest.raises(CheckpointSaveError, match=r"model\.ckpt-2 failed: "):
+        sess.run()  # step 3: its save waits for step 2's, which failed; step 3 is still saved
+    sess.end()
+    assert [0, 1, 3] == saved_steps(tmp_path)
+
+
+def test_a_monitored_session_whose_background_save_failed_still_commits_the_final_checkpoint(
+    tmp_path: pathlib.Path,
+) -> None:
+    model, optimizer = _model_and_optimizer()
+    listener = MockListener()
+    hook = CheckpointSaverHook(
+        str(tmp_path), save_steps=2, saver=FlakySaver({2}, hold=True), listeners=[listener]
+    )
+    with (  # noqa: PT012
+        pytest.raises(CheckpointSaveError, match=r"model\.ckpt-2 failed: "),
+        MonitoredSession(model, optimizer, hooks=[hook], checkpoint_dir=str(tmp_path)) as sess,
     ):
-        pass
-    latest = latest_checkpoint(str(tmp_path))
-    assert latest is not None
-    assert 0 == load_checkpoint(latest)["global_step"]
+        train_op = make_train_step(model, optimizer)
+        for _ in range(3):
+            sess.run(train_op)
+    assert 3 == load_step(tmp_path)
+    assert [0, 3] == listener.after_save_steps
+    assert [3] == listener.end_steps
+
+
+def test_end_behind_a_hung_write_waits_for_it_once_and_still_ends_every_listener(
+    tmp_path: pathlib.Path,
+) -> None:
+    saver = HungSaver(hung_step=2)
+    listener = MockListener()
+    hook = CheckpointSaverHook(str(tmp_path), save_steps=2, saver=saver, listeners=[listener])
+    hook.begin()
+    sess = HookedSession(hook)
+    sess.create()
+    sess.run()
+    sess.run()  # step 2: its write hangs
+    sess.run()  # step 3
+    with pytest.raises(CheckpointSaveError, match=r"model\.ckpt-2 did not finish within 30 s"):
+        sess.end()
+    assert saver.hung is not None
+    assert 1 == saver.hung.waits, "another save, or another wait, would only time out again"
+    assert [0, 2] == listener.before_save_steps
+    assert [3] == listener.end_steps
+
+
+# -- clocks (SPEC 5.1) ----------------------------------------------------------------------------
+
+
+def test_a_clock_set_back_an_hour_does_not_stall_save_secs(
+    tmp_path: pathlib.Path, clock: FakeClock
+) -> None:
+    hook = CheckpointSaverHook(str(tmp_path), save_secs=60, saver=Saver(max_to_keep=None))
+    hook.begin()
+    sess = HookedSession(hook)
+    sess.create()
+    for step in range(1, 14):
+        clock.advance(10)  # each step takes 10 s
+        if step == 3:
+            clock.advance(-3600)
+        sess.run()
+    # The 10 s in which the clock went back are not counted (the hook sees the clock once a
+    # step), so the save after it comes one step late: still within 60 s of the jump, not an
+    # hour later.
+    assert [0, 7, 13] == sess.saved_steps(tmp_path)
+
+
+def test_a_clock_jumping_forwards_a_day_saves_once_not_at_every_step(
+    tmp_path: pathlib.Path, clock: FakeClock
+) -> None:
+    hook = CheckpointSaverHook(str(tmp_path), save_secs=60, saver=Saver(max_to_keep=None))
+    hook.begin()
+    sess = HookedSession(hook)
+    sess.create()
+    for step in range(1, 11):
+        clock.advance(10)
+        if step == 3:
+            clock.advance(24 * 3600)
+        sess.run()
+    assert [0, 3, 9] == sess.saved_steps(tmp_path)

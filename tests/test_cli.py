@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import pathlib
+import re
 import shutil
 import signal
 import subprocess
@@ -227,6 +228,7 @@ def test_ls_json_parses_and_holds_every_field(capsys: Capsys, tmp_path: pathlib.
         "size_bytes": os.path.getsize(paths[-1]),
         "intact": True,
         "problem": None,
+        "kind": None,
         "latest": True,
         "restore": True,
     }.items() <= newest.items()
@@ -247,6 +249,123 @@ def test_ls_marks_corrupted_checkpoints(capsys: Capsys, tmp_path: pathlib.Path) 
     assert "CORRUPTED: truncated" in lines[2]
     assert lines[3].endswith("ok")
     assert lines[4].endswith(", 2 corrupted")
+
+    _status, out, _err = _run(capsys, "ls", str(tmp_path), "--json")
+    assert ["corrupted", "corrupted", None] == [c["kind"] for c in json.loads(out)["checkpoints"]]
+
+
+def _plain_torch_save(path: str) -> None:
+    """Replace the checkpoint at ``path`` with the same payload written by plain ``torch.save``."""
+    payload = torch.load(path, weights_only=True)
+    os.remove(path)
+    torch.save(payload, path)
+
+
+_NO_CHECKSUM = (
+    "no checksum: a plain torch.save archive, not written by torch_ckpt_hook, so damage to it "
+    "cannot be detected; 'torch-ckpt inspect --no-verify' loads it if you trust it"
+)
+
+
+def test_ls_shows_a_plain_torch_save_file_as_unloadable_not_corrupted(
+    capsys: Capsys, tmp_path: pathlib.Path
+) -> None:
+    paths = _save_checkpoints(tmp_path)
+    _plain_torch_save(paths[0])
+    _flip_a_byte(paths[1])
+
+    status, out, err = _run(capsys, "ls", str(tmp_path))
+
+    assert (0, "") == (status, err)
+    lines = out.splitlines()
+    assert lines[1].endswith(f"  unloadable: {_NO_CHECKSUM}"), lines[1]
+    assert "CORRUPTED" not in lines[1]
+    assert "CORRUPTED: checksum mismatch" in lines[2]
+    assert lines[4].endswith(", 1 corrupted, 1 unloadable"), lines[4]
+    assert 5 == len(lines), "the latest restores: no line about the session"
+
+    _status, out, _err = _run(capsys, "ls", str(tmp_path), "--json")
+    document = json.loads(out)
+    assert ["unloadable", "corrupted", None] == [c["kind"] for c in document["checkpoints"]]
+    assert (paths[-1], None) == (document["restore"], document["restore_blocked_by"])
+
+
+@pytest.fixture
+def plain_latest(tmp_path: pathlib.Path) -> list[str]:
+    """Checkpoints of steps 10, 20 and 30; the latest, 30, rewritten by plain torch.save."""
+    paths = _save_checkpoints(tmp_path)
+    _plain_torch_save(paths[-1])
+    return paths
+
+
+def test_ls_says_a_session_refuses_to_start_at_an_unloadable_latest(
+    capsys: Capsys, tmp_path: pathlib.Path, plain_latest: list[str]
+) -> None:
+    status, out, _err = _run(capsys, "ls", str(tmp_path))
+
+    assert 0 == status
+    lines = out.splitlines()
+    assert "restore" not in "".join(line.split("  unloadable")[0] for line in lines[1:4])
+    assert (
+        f"A new session refuses to start: it stops at model.ckpt-30 (unloadable: {_NO_CHECKSUM}) "
+        "rather than restore an older checkpoint or train from step 0."
+    ) == lines[-1]
+
+    _status, out, _err = _run(capsys, "ls", str(tmp_path), "--json")
+    document = json.loads(out)
+    assert (None, plain_latest[-1]) == (document["restore"], document["restore_blocked_by"])
+    assert [False, False, False] == [c["restore"] for c in document["checkpoints"]]
+
+
+def test_a_session_refuses_to_start_where_ls_says_it_does(
+    capsys: Capsys, tmp_path: pathlib.Path, plain_latest: list[str]
+) -> None:
+    document = json.loads(_run(capsys, "ls", str(tmp_path), "--json")[1])
+    assert plain_latest[-1] == document["restore_blocked_by"]
+
+    model = torch.nn.Linear(3, 2)
+    with pytest.raises(tch.CheckpointError, match=re.escape(plain_latest[-1])) as info:
+        tch.SingularMonitoredSession(model, checkpoint_dir=str(tmp_path))
+    assert not isinstance(info.value, tch.CheckpointCorruptedError)
+
+
+def test_ls_says_a_session_refuses_to_start_at_an_unreadable_latest(
+    capsys: Capsys, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    paths = _save_checkpoints(tmp_path)
+    _flip_a_byte(paths[-1])  # skipped: the next older one, unreadable, stops restore
+    real_open = builtins.open
+
+    def refusing_open(file: Any, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(file, (str, os.PathLike)) and os.fspath(file) == paths[1]:
+            raise PermissionError(errno.EACCES, "Permission denied", os.fspath(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", refusing_open)
+
+    status, out, _err = _run(capsys, "ls", str(tmp_path))
+
+    assert 0 == status
+    lines = out.splitlines()
+    assert lines[4].endswith(", 1 corrupted, 1 unreadable"), lines[4]
+    assert (
+        "A new session refuses to start: it stops at model.ckpt-20 (unreadable: Permission "
+        "denied) rather than restore an older checkpoint or train from step 0."
+    ) == lines[-1]
+
+
+def test_ls_says_a_session_refuses_to_start_when_every_checkpoint_is_corrupted(
+    capsys: Capsys, tmp_path: pathlib.Path
+) -> None:
+    for path in _save_checkpoints(tmp_path, steps=(1, 2)):
+        _flip_a_byte(path)
+
+    _status, out, _err = _run(capsys, "ls", str(tmp_path))
+
+    assert (
+        "A new session refuses to start: every checkpoint it would restore is corrupted, and it "
+        "does not train from step 0 over them."
+    ) == out.splitlines()[-1]
 
 
 def test_ls_lists_checkpoints_on_disk_but_not_stray_temp_files(
@@ -275,6 +394,7 @@ def test_ls_of_a_directory_without_checkpoints_says_so_and_exits_0(
         "directory": str(tmp_path),
         "latest": None,
         "restore": None,
+        "restore_blocked_by": None,
         "checkpoints": [],
     } == json.loads(out)
 
@@ -390,6 +510,46 @@ def test_inspect_of_an_empty_directory_exits_1(capsys: Capsys, tmp_path: pathlib
     assert f"torch-ckpt inspect: error: no checkpoint in directory '{tmp_path}'\n" == err
 
 
+def test_inspect_of_a_plain_torch_save_file_says_no_checksum_and_no_verify_loads_it(
+    capsys: Capsys, tmp_path: pathlib.Path
+) -> None:
+    [path] = _save_checkpoints(tmp_path, steps=(7,))
+    _plain_torch_save(path)
+
+    status, out, err = _run(capsys, "inspect", path)
+    assert (1, "") == (status, out)
+    assert err.startswith(
+        f"torch-ckpt inspect: error: Checkpoint {path} cannot be loaded: no checksum: a plain "
+        "torch.save archive"
+    ), err
+    assert "corrupted" not in err
+
+    status, out, err = _run(capsys, "inspect", path, "--no-verify", "--json")
+    assert (0, "") == (status, err)
+    assert 7 == json.loads(out)["global_step"]
+
+
+def test_inspect_of_a_directory_that_a_session_refuses_warns_and_shows_it_with_no_verify(
+    capsys: Capsys, tmp_path: pathlib.Path, plain_latest: list[str]
+) -> None:
+    status, out, err = _run(capsys, "inspect", str(tmp_path))
+
+    assert (1, "") == (status, out)
+    warning, error = err.splitlines()
+    assert warning.startswith(
+        "torch-ckpt inspect: warning: a new session refuses to start: it stops at model.ckpt-30 "
+        "(unloadable: no checksum"
+    ), warning
+    assert error.startswith(
+        f"torch-ckpt inspect: error: Checkpoint {plain_latest[-1]} cannot be loaded: no checksum"
+    ), error
+
+    status, out, err = _run(capsys, "inspect", str(tmp_path), "--no-verify", "--json")
+    assert 0 == status
+    assert plain_latest[-1] == json.loads(out)["path"]
+    assert 1 == len(err.splitlines()), err
+
+
 # -- verify -----------------------------------------------------------------------------------
 
 
@@ -425,6 +585,31 @@ def test_verify_names_each_corrupted_checkpoint_and_exits_1(
         "torch-ckpt verify: error: 2 of 3 checkpoints corrupted: model.ckpt-10, model.ckpt-30\n"
         == err
     )
+
+
+def test_verify_labels_a_plain_torch_save_file_unloadable_not_corrupted(
+    capsys: Capsys, tmp_path: pathlib.Path
+) -> None:
+    paths = _save_checkpoints(tmp_path)
+    _plain_torch_save(paths[1])
+    _flip_a_byte(paths[2])
+
+    status, out, err = _run(capsys, "verify", str(tmp_path))
+
+    assert 1 == status
+    lines = out.splitlines()
+    assert "ok          model.ckpt-10" == lines[0]
+    assert f"unloadable  model.ckpt-20: {_NO_CHECKSUM}" == lines[1]
+    assert lines[2].startswith("CORRUPTED   model.ckpt-30: checksum mismatch")
+    assert (
+        "torch-ckpt verify: error: 2 of 3 checkpoints corrupted or unloadable: "
+        "model.ckpt-20, model.ckpt-30\n"
+    ) == err
+
+    status, out, err = _run(capsys, "verify", paths[1])
+    assert 1 == status
+    assert out.startswith(f"unloadable  {paths[1]}: no checksum"), out
+    assert f"torch-ckpt verify: error: 1 of 1 checkpoint unloadable: {paths[1]}\n" == err
 
 
 @pytest.mark.parametrize(("damage", "expected_status"), [(None, 0), (_flip_a_byte, 1)])
@@ -708,8 +893,8 @@ def test_demo_in_a_directory_of_another_model_fails_in_one_line(
     assert "Traceback" not in err
     err = err.splitlines(keepends=True)[-1]  # after the demo's own log lines
     assert err.startswith(
-        f"torch-ckpt demo: error: {tmp_path} holds checkpoints of a different model (Error(s) in "
-        "loading state_dict for Sequential:"
+        f"torch-ckpt demo: error: {tmp_path} holds checkpoints of a different model (the "
+        "checkpoint's model state does not fit the model (missing keys"
     )
     assert err.endswith("); use an empty --dir\n")
     assert before == {name: (tmp_path / name).read_bytes() for name in before}

@@ -112,8 +112,8 @@ def test_demo_refuses_a_directory_that_holds_another_models_checkpoints(
 
     message = str(raised.value)
     assert message.startswith(
-        f"{tmp_path} holds checkpoints of a different model (Error(s) in loading state_dict for "
-        "Sequential: Missing key(s) in state_dict:"
+        f"{tmp_path} holds checkpoints of a different model (the checkpoint's model state does "
+        "not fit the model (missing keys ['0.weight'"
     )
     assert message.endswith("); use an empty --dir")
     assert "\n" not in message

@@ -33,6 +33,7 @@ EXPECTED = {
     "get_checkpoint_state",
     "latest_checkpoint",
     "load_checkpoint",
+    "restorable_checkpoint",
     "verify_checkpoint",
 }
 

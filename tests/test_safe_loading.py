@@ -1,21 +1,23 @@
 """Safe loading: a checkpoint carrying a code-running pickle is refused and runs nothing.
 
 SPEC.md §3, Safe loading: everything loads with ``torch.load(..., weights_only=True)``. The crafted
-checkpoints here are the strongest an attacker can make: written through the package's own
-``Saver``, so they carry a valid checksum and pass ``verify_checkpoint`` -- only the
-``weights_only`` unpickler stands between them and the code in their ``__reduce__``. Each test
+checkpoints here are the strongest an attacker can make: written with the package's own writer
+(``write_checkpoint``), so they carry a valid checksum and pass ``verify_checkpoint`` -- only the
+``weights_only`` unpickler stands between them and the code in their ``__reduce__``. (Not through
+``Saver.save``: it refuses a value ``weights_only`` would refuse, SPEC.md §5.1.) Each test
 loads one through a public entry point (``load_checkpoint``, ``Saver.restore``, session creation
-from a file or from a directory), checks that it is refused with ``CheckpointCorruptedError`` and
-that the marker file the code would create never appears, and finally proves the file was armed:
-an unrestricted ``torch.load`` does create the marker.
+from a file or from a directory), checks that it is refused with ``CheckpointUnloadableError`` (the
+file is intact: refusing it is not finding it damaged, and it must never be reported as corrupted)
+and that the marker file the code would create never appears, and finally proves the file was
+armed: an unrestricted ``torch.load`` does create the marker.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import pathlib
 import pickle
+import re
 import shlex
 from typing import Any
 
@@ -23,6 +25,8 @@ import pytest
 import torch
 
 import torch_ckpt_hook as tch
+from torch_ckpt_hook._checkpoint_file import write_checkpoint
+from torch_ckpt_hook._state_file import update_checkpoint_state
 
 
 class _RunsShellCommand:
@@ -39,19 +43,6 @@ class _ExecsPython:
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (exec, (f"open({str(self.marker)!r}, 'w').close()",))
-
-
-class _SmugglingState:
-    """An ``extra_state`` entry whose state holds the weapon, so the package itself writes it."""
-
-    def __init__(self, weapon: object) -> None:
-        self.weapon = weapon
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"weights": torch.zeros(2), "weapon": self.weapon}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        raise AssertionError("a refused checkpoint must never reach load_state_dict")
 
 
 WEAPONS = {
@@ -91,10 +82,16 @@ def _model() -> torch.nn.Module:
 
 
 def _write(directory: pathlib.Path, step: int, weapon: object | None) -> str:
-    """A checkpoint of step ``step`` written by ``Saver``; with ``weapon`` smuggled inside."""
-    extra = {} if weapon is None else {"smuggled": _SmugglingState(weapon)}
-    session = tch.Session(_model(), extra_state=extra, global_step=step)
-    return tch.Saver().save(session, str(directory / "model.ckpt"), global_step=step)
+    """A checkpoint of step ``step``, made the latest in the state file; ``weapon`` inside."""
+    payload = tch.Session(_model(), global_step=step).state_dict()
+    if weapon is not None:
+        payload["extra_state"] = {"smuggled": {"weights": torch.zeros(2), "weapon": weapon}}
+    path = str(directory / f"model.ckpt-{step}")
+    write_checkpoint(path, payload)
+    state = tch.get_checkpoint_state(str(directory))
+    listed = [] if state is None else list(state.all_model_checkpoint_paths)
+    update_checkpoint_state(str(directory), path, [*listed, path])
+    return path
 
 
 def _assert_armed_and_untouched(path: str, marker: pathlib.Path) -> None:
@@ -122,7 +119,10 @@ def test_load_checkpoint_refuses_a_pickle_that_runs_code(
 ) -> None:
     path = _write(tmp_path, 1, weapon[0])
 
-    with pytest.raises(tch.CheckpointCorruptedError, match=r"weights_only") as info:
+    with pytest.raises(
+        tch.CheckpointUnloadableError,
+        match=f"Checkpoint {path} cannot be loaded: weights_only loading refused an object",
+    ) as info:
         tch.load_checkpoint(path)
 
     assert path in str(info.value)
@@ -144,7 +144,7 @@ def test_saver_restore_refuses_it_and_leaves_the_session_unchanged(
     before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
     session = tch.Session(model)
 
-    with pytest.raises(tch.CheckpointCorruptedError, match=r"weights_only"):
+    with pytest.raises(tch.CheckpointUnloadableError, match=r"weights_only loading refused"):
         tch.Saver().restore(session, path)
 
     assert 0 == session.global_step
@@ -162,33 +162,32 @@ def test_session_creation_from_the_crafted_file_fails_without_running_it(
 ) -> None:
     path = _write(tmp_path, 5, weapon[0])
 
-    with pytest.raises(tch.CheckpointCorruptedError, match=r"weights_only"):
+    with pytest.raises(tch.CheckpointUnloadableError, match=r"weights_only loading refused"):
         tch.MonitoredSession(_model(), checkpoint_filename_with_path=path)
 
     assert [True] * len(loads) == [call.get("weights_only") for call in loads]
     _assert_armed_and_untouched(path, marker)
 
 
-def test_session_creation_from_a_directory_skips_it_for_the_previous_checkpoint(
+def test_session_creation_from_a_directory_refuses_to_start_at_it(
     tmp_path: pathlib.Path,
     weapon: tuple[object, str],
     marker: pathlib.Path,
     loads: list[dict[str, Any]],
-    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    intact = _write(tmp_path, 1, None)
+    # The refused file is intact, so it may hold the run's newest state: falling back past it to
+    # the older checkpoint would silently lose the steps in between. The session refuses to
+    # start instead, and nothing is written or deleted.
+    _write(tmp_path, 1, None)
     crafted = _write(tmp_path, 2, weapon[0])
     assert crafted == tch.latest_checkpoint(str(tmp_path))
+    before = sorted(os.listdir(tmp_path))
 
-    with (
-        caplog.at_level(logging.WARNING, logger="torch_ckpt_hook"),
-        tch.MonitoredTrainingSession(
-            _model(), checkpoint_dir=str(tmp_path), save_checkpoint_steps=1
-        ) as sess,
-    ):
-        assert 1 == sess.global_step, f"restored from {intact}"
+    with pytest.raises(tch.CheckpointError, match=re.escape(crafted)) as info:
+        tch.MonitoredSession(_model(), checkpoint_dir=str(tmp_path))
 
-    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert any(crafted in message for message in warnings), warnings
+    assert not isinstance(info.value, tch.CheckpointCorruptedError)
+    assert weapon[1] in str(info.value), "the message names what was refused"
+    assert before == sorted(os.listdir(tmp_path))
     assert [True] * len(loads) == [call.get("weights_only") for call in loads]
     _assert_armed_and_untouched(crafted, marker)

@@ -593,14 +593,10 @@ def test_a_restarted_runners_saver_carries_on_retention(tmp_path: Path) -> None:
 # Write failures
 
 
-class Unpicklable:
-    """An ``extra_state`` entry whose state cannot be pickled: the write fails mid-file."""
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"fn": lambda: 0}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        pass
+def _block_the_name(path: str) -> None:
+    """Make the commit of ``path`` fail after its bytes are written: a directory holds the name."""
+    os.mkdir(path)
+    Path(path, "keep").write_text("the rename onto a non-empty directory fails")
 
 
 def test_a_failed_write_raises_checkpoint_save_error_and_keeps_earlier_checkpoints(
@@ -611,13 +607,15 @@ def test_a_failed_write_raises_checkpoint_save_error_and_keeps_earlier_checkpoin
     paths = [saver.save(_session(step), prefix, global_step=step) for step in (1, 2)]
     state_before = _state_text(tmp_path)
 
-    bad = _session(3, extra_state={"bad": Unpicklable()})
+    _block_the_name(f"{prefix}-3")
     with pytest.raises(CheckpointSaveError, match=re.escape(f"{prefix}-3")) as excinfo:
-        saver.save(bad, prefix, global_step=3)
+        saver.save(_session(3), prefix, global_step=3)
 
     assert excinfo.value.__cause__ is not None
     assert not isinstance(excinfo.value.__cause__, CheckpointSaveError)
-    assert {"checkpoint", "model.ckpt-1", "model.ckpt-2"} == _files(tmp_path), "no temp file"
+    assert {"checkpoint", "model.ckpt-1", "model.ckpt-2", "model.ckpt-3"} == _files(tmp_path), (
+        "no temp file"
+    )
     assert paths == saver.last_checkpoints
     assert state_before == _state_text(tmp_path)
     assert 2 == load_checkpoint(paths[1])["global_step"]
@@ -647,14 +645,14 @@ def test_a_write_error_is_the_cause_of_the_checkpoint_save_error(
 
 def test_a_failed_non_blocking_save_raises_from_result(tmp_path: Path) -> None:
     saver = Saver()
-    bad = _session(3, extra_state={"bad": Unpicklable()})
+    _block_the_name(str(tmp_path / "model.ckpt-3"))
 
-    handle = saver.save(bad, str(tmp_path / "model.ckpt"), global_step=3, blocking=False)
+    handle = saver.save(_session(3), str(tmp_path / "model.ckpt"), global_step=3, blocking=False)
 
     with pytest.raises(CheckpointSaveError) as excinfo:
         handle.result()
     assert excinfo.value.__cause__ is not None
-    assert set() == _files(tmp_path) - {"checkpoint"}
+    assert {"model.ckpt-3"} == _files(tmp_path)
     assert [] == saver.last_checkpoints
 
 

@@ -1,6 +1,7 @@
 """TensorFlow's CheckpointSaverHook and MonitoredSession for hand-written PyTorch training loops."""
 
 from ._basic_hooks import LoggingTensorHook, NanTensorHook, StepCounterHook, StopAtStepHook
+from ._checkpoint_dir import restorable_checkpoint
 from ._checkpoint_file import load_checkpoint, verify_checkpoint
 from ._checkpoint_hook import CheckpointSaverHook
 from ._errors import (
@@ -52,5 +53,6 @@ __all__ = [
     "get_checkpoint_state",
     "latest_checkpoint",
     "load_checkpoint",
+    "restorable_checkpoint",
     "verify_checkpoint",
 ]

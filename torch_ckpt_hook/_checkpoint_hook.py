@@ -1,13 +1,23 @@
-"""``CheckpointSaverHook``: when to save and under what name; the ``Saver`` does the rest."""
+"""``CheckpointSaverHook``: when to save and under what name; the ``Saver`` does the rest.
+
+Faults in the user's code stay contained. An error met part-way through a hook call (a
+listener that raises, a background save that failed) is collected, the call's work is finished
+(the save made, every other listener called, the pending saves accounted for), and only then is
+the first error raised, the same object the listener raised, with a note naming the listener
+and the method. The others of that call are logged with their tracebacks. A
+``KeyboardInterrupt`` or ``SystemExit`` (not an ``Exception``) propagates at once: a second
+Ctrl-C must get out of a listener that hangs.
+"""
 
 from __future__ import annotations
 
 import errno
 import logging
 import os
+import sys
 import tempfile
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ._errors import CheckpointSaveError
@@ -34,6 +44,67 @@ class _PendingSave:
     step: int
     # A stop asked by after_save counts only for saves made from after_run (TensorFlow).
     may_stop: bool
+    # The listeners whose before_save(step) returned: they, and only they, get after_save(step).
+    listeners: list[CheckpointSaverListener] = field(default_factory=list)
+
+
+def _add_note(err: BaseException, note: str) -> None:
+    if sys.version_info >= (3, 11):
+        err.add_note(note)
+    else:  # the attribute 3.11's add_note() sets; pytest and exceptiongroup show it on 3.10
+        err.__dict__.setdefault("__notes__", []).append(note)
+
+
+class _Failures:
+    """The errors met during one hook call; the first is raised once the call's work is done.
+
+    Raising at once would leave a save half-done: listeners that got ``before_save`` and no
+    ``after_save``, pending saves popped and never reported, the next trigger skipped. Each
+    error is raised, or logged when another was raised in its place, exactly once.
+    """
+
+    def __init__(self) -> None:
+        self._errors: list[Exception] = []
+
+    def __bool__(self) -> bool:
+        return bool(self._errors)
+
+    def add(self, err: Exception) -> None:
+        if not any(err is seen for seen in self._errors):
+            self._errors.append(err)
+
+    def listener_failed(
+        self, err: Exception, listener: CheckpointSaverListener, call: str, outcome: str
+    ) -> None:
+        """Record ``err``, raised by ``listener.call``, with a note naming both and ``outcome``."""
+        try:
+            _add_note(err, f"Raised by {listener!r}.{call} in CheckpointSaverHook; {outcome}.")
+        except Exception:  # a __notes__ that is not a list: the error still propagates
+            logger.debug("Could not add a note to %r", err, exc_info=True)
+        self.add(err)
+
+    def note_first(self, note: str) -> None:
+        if self._errors:
+            try:
+                _add_note(self._errors[0], note)
+            except Exception:
+                logger.debug("Could not add a note to %r", self._errors[0], exc_info=True)
+
+    def raise_first(self) -> None:
+        """Raise the first error, after logging the others; do nothing when there is none."""
+        if not self._errors:
+            return
+        first, *others = self._errors
+        self._errors = []
+        for other in others:
+            logger.error(
+                "CheckpointSaverHook: %s: %s (logged, not raised: %s was raised first)",
+                type(other).__name__,
+                other,
+                type(first).__name__,
+                exc_info=other,
+            )
+        raise first
 
 
 def _check_listeners(listeners: object) -> list[CheckpointSaverListener]:
@@ -80,6 +151,11 @@ class CheckpointSaverHook(SessionRunHook):
     the timer fires for the new global step after a run, and in ``end()`` when the last step is
     unsaved. With ``async_save`` the write happens in the background and listeners' ``after_save``
     runs on the training thread at the first hook call after the file is durable.
+
+    An error in a hook call (a listener raising, a failed background save) is raised at the end
+    of that call, once the save it was part of is made and every other listener was called (see
+    the module docstring). ``end()`` always attempts the save of the last step unless it is
+    already durable, waits for it, and only then raises an earlier failure nobody was told of.
     """
 
     def __init__(
@@ -127,18 +203,34 @@ class CheckpointSaverHook(SessionRunHook):
         self._async_save = async_save
         self._pending: list[_PendingSave] = []
         self._stop_pending = False
+        # The step of the newest checkpoint known to be durable (committed by this hook, or just
+        # restored from): end() saves the last step unless it is this one.
+        self._committed_step: int | None = None
         # The session of the latest hook call, for after_save calls made from wait_until_finished.
         self._session: Session | None = None
+
+    @property
+    def save_path(self) -> str:
+        """The prefix of this hook's checkpoints: ``os.path.join(checkpoint_dir, basename)``."""
+        return self._save_path
 
     # -- the hook protocol -------------------------------------------------------------------
 
     def begin(self) -> None:
         check_writable_dir(self._checkpoint_dir)
+        failures = _Failures()
         for listener in self._listeners:
-            listener.begin()
+            try:
+                listener.begin()
+            except Exception as err:
+                failures.listener_failed(
+                    err, listener, "begin()", "the other listeners' begin() still ran"
+                )
+        failures.raise_first()
 
     def after_create_session(self, session: Session, coord: Coordinator) -> None:
-        self._poll(session)
+        failures = _Failures()
+        self._poll(session, failures)
         global_step = session.global_step
         # The state may be what was just restored from the newest checkpoint: re-saving it only
         # costs time (TensorFlow did; users saw training "stuck" at "Saving checkpoints for 0").
@@ -151,35 +243,73 @@ class CheckpointSaverHook(SessionRunHook):
             and same_path(latest, path)
             and same_path(session.restored_from, path)
         )
-        if not just_restored:
-            self._save(session, global_step, may_stop=False)
+        if just_restored:
+            self._committed_step = global_step
+        else:
+            self._save(session, global_step, may_stop=False, failures=failures)
         self._timer.update_last_triggered_step(global_step)
-        self._poll(session)
+        self._poll(session, failures)
+        failures.raise_first()
 
     def before_run(self, run_context: SessionRunContext) -> None:
-        self._poll(run_context.session)
+        failures = _Failures()
+        self._poll(run_context.session, failures)
+        failures.raise_first()
         return None
 
     def after_run(self, run_context: SessionRunContext, run_values: SessionRunValues) -> None:
         session = run_context.session
-        self._poll(session)
+        failures = _Failures()
+        # An earlier save's failure or a listener's error must not cost this step its save.
+        self._poll(session, failures)
         global_step = session.global_step
         if self._timer.should_trigger_for_step(global_step):
             self._timer.update_last_triggered_step(global_step)
-            self._save(session, global_step, may_stop=True)
-            self._poll(session)
-        if self._stop_pending:
+            self._save(session, global_step, may_stop=True, failures=failures)
+            self._poll(session, failures)
+        # A stop asked alongside an error is kept for the next after_run: the runner drops the
+        # run context of a call that raised.
+        if self._stop_pending and not failures:
             self._stop_pending = False
             run_context.request_stop()
+        failures.raise_first()
 
     def end(self, session: Session) -> None:
-        self._poll(session)
+        failures = _Failures()
+        # Settle the save in flight first: if it failed, its step is saved again below.
+        settled = self._wait_for_in_flight(failures)
+        self._poll(session, failures)
         last_step = session.global_step
-        if last_step != self._timer.last_triggered_step():
-            self._save(session, last_step, may_stop=False)
-        self.wait_until_finished()
+        unsaved = last_step != self._timer.last_triggered_step() or (
+            last_step != self._committed_step
+        )
+        if settled:
+            if unsaved:
+                self._save(session, last_step, may_stop=False, failures=failures)
+            self._wait_until_finished(failures)
+        elif unsaved:
+            # Another save, or another wait, would only time out again behind the hung write.
+            logger.error(
+                "Not saving the last step %d: the previous save is still being written after "
+                "drain_timeout_secs.",
+                last_step,
+            )
+        if failures and self._committed_step == last_step:
+            failures.note_first(
+                f"CheckpointSaverHook.end() still committed the last step: "
+                f"{self._checkpoint_path(last_step)} is durable."
+            )
         for listener in self._listeners:
-            listener.end(session, last_step)
+            try:
+                listener.end(session, last_step)
+            except Exception as err:
+                failures.listener_failed(
+                    err,
+                    listener,
+                    f"end(session, {last_step})",
+                    "the other listeners' end() still ran",
+                )
+        failures.raise_first()
 
     # -- saving ------------------------------------------------------------------------------
 
@@ -187,14 +317,36 @@ class CheckpointSaverHook(SessionRunHook):
         """Block until every save is durable, then run the listeners' pending ``after_save``.
 
         A failed save raises ``CheckpointSaveError`` (once), after the ``after_save`` calls of
-        the saves before it. Waiting is bounded by the saver's ``drain_timeout_secs``.
+        the saves around it; a listener's error is raised the same way. Waiting is bounded by
+        the saver's ``drain_timeout_secs``.
         """
-        saver = self._get_saver()
-        for pending in self._pending:
-            pending.handle.wait(saver.drain_timeout_secs)
+        failures = _Failures()
+        self._wait_until_finished(failures)
+        failures.raise_first()
+
+    def _wait_until_finished(self, failures: _Failures) -> None:
+        if not self._wait_for_in_flight(failures):
+            return  # the saver would time out again on the same write
         if self._session is not None:
-            self._poll(self._session)
-        saver.wait_until_finished()
+            self._poll(self._session, failures)
+        try:
+            self._get_saver().wait_until_finished()
+        except Exception as err:
+            failures.add(err)
+
+    def _wait_for_in_flight(self, failures: _Failures) -> bool:
+        """Wait for every pending save to finish; False when one is still being written."""
+        in_flight = [pending for pending in self._pending if not pending.handle.done()]
+        if not in_flight:
+            return True
+        timeout = self._get_saver().drain_timeout_secs
+        try:
+            for pending in in_flight:
+                pending.handle.wait(timeout)
+        except Exception as err:
+            failures.add(err)
+            return False
+        return True
 
     def _get_saver(self) -> Saver:
         if self._saver is not None:
@@ -207,12 +359,39 @@ class CheckpointSaverHook(SessionRunHook):
     def _checkpoint_path(self, step: int) -> str:
         return f"{self._save_path}-{step}"
 
-    def _save(self, session: Session, step: int, *, may_stop: bool) -> None:
-        self._finish_previous_save(session, step)
+    def _save(self, session: Session, step: int, *, may_stop: bool, failures: _Failures) -> None:
+        """Save ``step`` between the listeners' calls; errors go to ``failures``, never raised."""
+        if not self._finish_previous_save(session, step, failures):
+            return
         logger.info("Calling checkpoint listeners before saving checkpoint %d...", step)
+        ready: list[CheckpointSaverListener] = []
         for listener in self._listeners:
-            listener.before_save(session, step)
+            try:
+                listener.before_save(session, step)
+            except Exception as err:
+                # The save goes ahead: losing a checkpoint to a listener's bug is worse than a
+                # checkpoint the listener did not prepare for. Like a context manager whose
+                # __enter__ raised, it gets no after_save for this step.
+                failures.listener_failed(
+                    err,
+                    listener,
+                    f"before_save(session, {step})",
+                    f"the save of step {step} went ahead, the other listeners were called, and "
+                    f"this one gets no after_save({step})",
+                )
+            else:
+                ready.append(listener)
         logger.info("Saving checkpoints for %d into %s.", step, self._save_path)
+        try:
+            handle = self._start_save(session, step)
+        except Exception as err:
+            failures.add(err)
+            return
+        self._pending.append(_PendingSave(handle, step, may_stop, ready))
+        if not self._async_save:
+            handle.wait()  # the _poll after this save reports it, failed or not
+
+    def _start_save(self, session: Session, step: int) -> Any:
         if not os.path.isdir(self._checkpoint_dir):
             # Deleted under the running hook: a failed save like any other, which the loop can
             # catch and train on (saves resume once the directory is back).
@@ -223,17 +402,16 @@ class CheckpointSaverHook(SessionRunHook):
                 f"Saving {self._checkpoint_path(step)} failed: checkpoint_dir "
                 f"{self._checkpoint_dir!r} no longer exists"
             ) from missing
-        handle = self._get_saver().save(session, self._save_path, global_step=step, blocking=False)
-        self._pending.append(_PendingSave(handle, step, may_stop))
-        if not self._async_save:
-            handle.result()
+        return self._get_saver().save(session, self._save_path, global_step=step, blocking=False)
 
-    def _finish_previous_save(self, session: Session, step: int) -> None:
+    def _finish_previous_save(self, session: Session, step: int, failures: _Failures) -> bool:
         """Wait for a save still being written, and run its ``after_save``, before the next one.
 
         The saver would wait anyway (one save in flight); waiting here, before ``before_save``,
         keeps every listener's calls paired as in TensorFlow: ``after_save(N)`` comes before
         ``before_save(N+1)``, and while checkpoint N still exists (N+1's retention may delete it).
+        Returns False, the save not to be made, when the previous one is still being written
+        after ``drain_timeout_secs``.
         """
         in_flight = [pending for pending in self._pending if not pending.handle.done()]
         if in_flight:
@@ -243,20 +421,38 @@ class CheckpointSaverHook(SessionRunHook):
                 step,
                 in_flight[0].step,
             )
-            timeout = self._get_saver().drain_timeout_secs
-            for pending in in_flight:
-                pending.handle.wait(timeout)
-        self._poll(session)
+        settled = self._wait_for_in_flight(failures)
+        self._poll(session, failures)
+        return settled
 
-    def _poll(self, session: Session) -> None:
-        """Run ``after_save`` for every save that is durable; surface a failed one."""
+    def _poll(self, session: Session, failures: _Failures) -> None:
+        """Run ``after_save`` for every save that is durable; collect a failed one."""
         self._session = session
         while self._pending and self._pending[0].handle.done():
             pending = self._pending.pop(0)
-            pending.handle.result()
+            # Saver.wait_until_finished() may have raised this failure to the user already.
+            reported = getattr(pending.handle, "reported", False)
+            try:
+                pending.handle.result()
+            except Exception as err:
+                if not reported:
+                    failures.add(err)
+                continue
+            self._committed_step = pending.step
             logger.info("Calling checkpoint listeners after saving checkpoint %d...", pending.step)
-            for listener in self._listeners:
-                if listener.after_save(session, pending.step):
+            for listener in pending.listeners:
+                try:
+                    stop = listener.after_save(session, pending.step)
+                except Exception as err:
+                    failures.listener_failed(
+                        err,
+                        listener,
+                        f"after_save(session, {pending.step})",
+                        f"checkpoint {pending.handle.path} is committed and the other "
+                        f"listeners' after_save({pending.step}) still ran",
+                    )
+                    continue
+                if stop:
                     logger.info(
                         "A CheckpointSaverListener requested that training be stopped. "
                         "listener: %s",

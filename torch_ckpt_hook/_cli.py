@@ -1,9 +1,10 @@
 """The ``torch-ckpt`` command: list, inspect and verify checkpoints, and run the demo.
 
-Exit status: 0 on success; 1 when a checkpoint is corrupted or unreadable (``verify``,
-``inspect``), ``verify`` found nothing to verify, the demo failed, or anything else went wrong;
-2 for bad arguments or a missing path. Every error is one line on stderr, never a traceback.
-The commands themselves live in ``_cli_commands``; this module parses and reports.
+Exit status: 0 on success; 1 when a checkpoint is corrupted, unloadable, unreadable or not a
+regular file (``verify``, ``inspect``), ``verify`` found nothing to verify, the demo failed, or
+anything else went wrong; 2 for bad arguments or a missing path. Every error is one line on
+stderr, never a traceback. The commands themselves live in ``_cli_commands``; this module
+parses and reports.
 """
 
 from __future__ import annotations
@@ -31,13 +32,14 @@ from ._cli_commands import (
 )
 from ._cli_format import ConsoleHandler, PrefixFormatter, printable
 from ._demo import DEFAULT_DIR, DEFAULT_SAVE_EVERY, DEFAULT_STEPS
+from ._fsutil import file_type
 from ._state_file import STATE_FILENAME
 
 _EPILOG = """\
 exit status:
   0  success (ls of a directory without checkpoints included)
-  1  a checkpoint is corrupted or unreadable (verify, inspect), verify found no
-     checkpoint, the demo failed, or another error
+  1  a checkpoint is corrupted, unloadable, unreadable or not a regular file
+     (verify, inspect), verify found no checkpoint, the demo failed, or another error
   2  bad arguments or a missing path
 """
 
@@ -86,7 +88,7 @@ def _checkpoint_or_dir(value: str) -> str:
     if stat.S_ISDIR(mode):
         return value
     if not stat.S_ISREG(mode):
-        raise argparse.ArgumentTypeError(f"{expected}, got {value!r}, which is {_file_kind(mode)}")
+        raise argparse.ArgumentTypeError(f"{expected}, got {value!r}, which is {file_type(mode)}")
     if os.path.basename(value) == STATE_FILENAME and not zipfile.is_zipfile(value):
         directory = os.path.dirname(value) or os.curdir
         raise argparse.ArgumentTypeError(
@@ -94,18 +96,6 @@ def _checkpoint_or_dir(value: str) -> str:
             f"directory's checkpoints); pass its directory, {directory!r}"
         )
     return value
-
-
-def _file_kind(mode: int) -> str:
-    for test, kind in (
-        (stat.S_ISFIFO, "a FIFO"),
-        (stat.S_ISSOCK, "a socket"),
-        (stat.S_ISCHR, "a character device"),
-        (stat.S_ISBLK, "a block device"),
-    ):
-        if test(mode):
-            return kind
-    return "not a regular file"
 
 
 def _demo_dir(value: str) -> str:
@@ -161,7 +151,8 @@ def build_parser() -> _Parser:
         "ls",
         "list a directory's checkpoints: step, size, time, integrity, latest, restored",
         "List the checkpoints in DIR: those its state file names and those on disk; mark the "
-        "latest (the state file's) and the one a new session restores (the newest intact).",
+        "latest (the state file's) and the one a new session restores (the newest intact); say "
+        "when a session would refuse to start (an unloadable or unreadable checkpoint stops it).",
     )
     ls_.add_argument("dir", metavar="DIR", type=_existing_dir, help="a checkpoint directory")
     ls_.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -171,18 +162,28 @@ def build_parser() -> _Parser:
         "show what one checkpoint holds: tensors, step, optimizer, RNG states",
         "Show one checkpoint's payload: its keys, every tensor's name, shape, dtype and bytes, "
         "totals, the global step, the optimizer type and the RNG states present. A directory "
-        "stands for the checkpoint a new session restores: its newest intact one.",
+        "stands for the checkpoint a new session restores: its newest intact one (or the one it "
+        "refuses to start at: an unloadable or unreadable one). --no-verify loads a file "
+        "without a checksum (plain torch.save).",
     )
     inspect_.add_argument(
         "path", metavar="PATH", type=_checkpoint_or_dir, help="a checkpoint file, or a directory"
     )
     inspect_.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    inspect_.add_argument(
+        "--no-verify",
+        dest="verify",
+        action="store_false",
+        help="load a file without a checksum (plain torch.save), still with weights_only=True",
+    )
 
     verify_ = add_command(
         "verify",
-        "check checkpoints' checksums; exit 1 if any is corrupted",
+        "check checkpoints' checksums; exit 1 if any has a problem",
         "Check the checksum of a checkpoint file, or of every checkpoint in a directory. Exit 0 "
-        "when all are intact, 1 when any is corrupted or unreadable (each is named).",
+        "when all are intact, 1 when any is not; each is named with its kind: CORRUPTED "
+        "(damaged), unloadable (no checksum: a plain torch.save file), unreadable, or "
+        "not-a-file (a directory, FIFO or device).",
     )
     verify_.add_argument(
         "path", metavar="DIR|PATH", type=_checkpoint_or_dir, help="a checkpoint directory or file"
@@ -258,7 +259,7 @@ def _run(argv: list[str] | None) -> int:
         if command == "ls":
             return ls(args.dir, as_json=args.json)
         if command == "inspect":
-            return inspect(args.path, as_json=args.json)
+            return inspect(args.path, as_json=args.json, verify=args.verify)
         return verify(args.path)
     except CommandFailed as err:
         return _fail(command, str(err), err.status)

@@ -13,7 +13,8 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
-from ._checkpoint_file import load_checkpoint
+from ._checkpoint_dir import RestoreChoice, restore_choice
+from ._checkpoint_file import check_checkpoint, load_checkpoint
 from ._cli_format import (
     count,
     human_bytes,
@@ -26,14 +27,8 @@ from ._cli_format import (
 from ._demo import DEFAULT_SAVE_EVERY, DemoError, demo_logging, run_demo
 from ._errors import CheckpointError, NanLossDuringTrainingError
 from ._inspection import build_document
-from ._inventory import (
-    Listed,
-    checkpoint_paths,
-    display_name,
-    list_checkpoints,
-    problem_of,
-    restore_choice,
-)
+from ._integrity import ProblemKind
+from ._inventory import Listed, checkpoint_paths, display_name, list_checkpoints
 from ._state_file import latest_checkpoint
 
 PROG = "torch-ckpt"
@@ -55,13 +50,18 @@ class CommandFailed(Exception):
 
 
 def ls(directory: str, *, as_json: bool) -> int:
-    listed = list_checkpoints(directory)
+    listed, choice = list_checkpoints(directory)
     if as_json:
         print_json(
             {
                 "directory": printable(os.path.abspath(directory)),
                 "latest": next((item.path for item in listed if item.latest), None),
                 "restore": next((item.path for item in listed if item.restore), None),
+                "restore_blocked_by": (
+                    None
+                    if choice.blocked_by is None
+                    else printable(os.path.abspath(choice.blocked_by[0]))
+                ),
                 "checkpoints": [dataclasses.asdict(item) for item in listed],
             }
         )
@@ -85,40 +85,99 @@ def ls(directory: str, *, as_json: bool) -> int:
     print_table(table, right_aligned={1, 2})
     summary = f"{count(len(listed), 'checkpoint')}, "
     summary += human_bytes(sum(item.size_bytes or 0 for item in listed))
-    unreadable = sum(item.unreadable for item in listed)
-    corrupted = sum(not item.intact for item in listed) - unreadable
-    if corrupted:
-        summary += f", {corrupted} corrupted"
-    if unreadable:
-        summary += f", {unreadable} unreadable"
+    for kind, (one, many) in _KIND_COUNTS.items():
+        n = sum(item.kind == kind for item in listed)
+        if n:
+            summary += f", {n} {one if n == 1 else many}"
     print(summary)
-    restore = next((item for item in listed if item.restore), None)
-    latest = next((item for item in listed if item.latest), None)
-    if latest is not None and not latest.intact:
-        print(
-            f"A new session skips the latest, {latest.name}, and restores "
-            f"{'nothing' if restore is None else restore.name}."
-        )
+    outcome = _restore_outcome(directory, listed, choice)
+    if outcome is not None:
+        print(outcome)
     return EXIT_OK
 
 
+# How ls's summary line counts the checkpoints of each problem kind (one, several).
+_KIND_COUNTS: dict[ProblemKind, tuple[str, str]] = {
+    "corrupted": ("corrupted", "corrupted"),
+    "unloadable": ("unloadable", "unloadable"),
+    "unreadable": ("unreadable", "unreadable"),
+    "not_a_file": ("not a regular file", "not regular files"),
+}
+
+# A problem's label where ls and verify show it. Only damage is shouted: a user deletes what is
+# called corrupted, and an unloadable file (no checksum) may be a run's only copy of its state.
+_LABELS: dict[ProblemKind, str] = {
+    "corrupted": "CORRUPTED",
+    "unloadable": "unloadable",
+    "unreadable": "unreadable",
+    "not_a_file": "not-a-file",
+}
+
+# What the user can do about an unloadable file, from the command line.
+_UNLOADABLE_HINT = "'torch-ckpt inspect --no-verify' loads it if you trust it"
+
+
+def _either(words: list[str]) -> str:
+    """``"a, b or c"``."""
+    return " or ".join([", ".join(words[:-1]), words[-1]] if len(words) > 2 else words)
+
+
+def _problem_text(kind: ProblemKind, message: str) -> str:
+    """A problem as ls shows it: its label, then what it is and what to do."""
+    return f"{_LABELS[kind]}: {_detail(kind, message)}"
+
+
+def _detail(kind: ProblemKind, message: str) -> str:
+    """A problem's message without the cause its label already says, and what to do about it."""
+    if kind == "unloadable":
+        return f"{message}; {_UNLOADABLE_HINT}"
+    # check_checkpoint's messages of these kinds lead with the cause the label names.
+    return message.removeprefix("unreadable: ").removeprefix("not a regular file: ")
+
+
 def _integrity(item: Listed) -> str:
-    if item.intact:
+    if item.kind is None or item.problem is None:
         return "ok"
-    if item.unreadable:
-        return str(item.problem)
-    return f"CORRUPTED: {item.problem}"
+    return _problem_text(item.kind, item.problem)
+
+
+def _restore_outcome(directory: str, listed: list[Listed], choice: RestoreChoice) -> str | None:
+    """The line that says what a new session does, when that is not restoring the latest."""
+    latest = next((item for item in listed if item.latest), None)
+    if choice.blocked_by is not None:
+        path, problem = choice.blocked_by
+        return (
+            f"A new session refuses to start: it stops at {display_name(directory, path)} "
+            f"({_problem_text(problem.kind, printable(problem.message))}) rather than restore "
+            "an older checkpoint or train from step 0."
+        )
+    if choice.path is None and choice.skipped:
+        # SPEC 5.1: a directory that holds checkpoints, none of them restorable, is not a
+        # directory to start over in.
+        kinds = {problem.kind for _path, problem in choice.skipped}
+        what = _either([_KIND_COUNTS[kind][0] for kind in _KIND_COUNTS if kind in kinds])
+        return (
+            f"A new session refuses to start: every checkpoint it would restore is {what}, and "
+            "it does not train from step 0 over them."
+        )
+    if latest is not None and not latest.intact:
+        restore = next((item for item in listed if item.restore), None)
+        return (
+            f"A new session skips the latest, {latest.name}, and restores "
+            f"{'nothing' if restore is None else restore.name}."
+        )
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
 # inspect
 
 
-def inspect(path: str, *, as_json: bool) -> int:
+def inspect(path: str, *, as_json: bool, verify: bool = True) -> int:
     if os.path.isdir(path):
         path = _checkpoint_to_inspect(path)
     try:
-        payload = load_checkpoint(path)
+        payload = load_checkpoint(path, verify=verify)
     except (CheckpointError, ValueError) as err:
         raise CommandFailed(printable(str(err))) from err
     document = build_document(path, payload)
@@ -130,22 +189,47 @@ def inspect(path: str, *, as_json: bool) -> int:
 
 
 def _checkpoint_to_inspect(directory: str) -> str:
-    """The checkpoint a new session restores; a warning names the corrupted newer ones."""
-    restore, skipped = restore_choice(directory)
-    if restore is None:
+    """The checkpoint a new session restores; a warning names the newer ones it passes over.
+
+    When restore stops at an unloadable or unreadable checkpoint, that one is shown (``--no-verify``
+    loads one without a checksum), or its error reported. When none is left, the latest is
+    loaded, and its error reported.
+    """
+    choice = restore_choice(directory)
+    newer = _newer_ones(directory, choice)
+    if choice.blocked_by is not None:
+        path, problem = choice.blocked_by
+        sys.stderr.write(
+            f"{PROG} inspect: warning: a new session refuses to start: it stops at "
+            f"{display_name(directory, path)} "
+            f"({_problem_text(problem.kind, printable(problem.message))})"
+            f"{'; ' + newer if newer else ''}\n"
+        )
+        return path
+    if choice.path is None:
         latest = latest_checkpoint(directory)
         if latest is None:
             raise CommandFailed(f"no checkpoint in directory '{printable(directory)}'")
         return latest  # none is intact: loading the latest reports what is wrong with it
-    if skipped:
-        newer = "; ".join(
-            f"{display_name(directory, path)}: {printable(problem)}" for path, problem in skipped
-        )
+    if newer:
         sys.stderr.write(
-            f"{PROG} inspect: warning: showing {display_name(directory, restore)}, the checkpoint "
-            f"a new session restores; newer ones are corrupted ({newer})\n"
+            f"{PROG} inspect: warning: showing {display_name(directory, choice.path)}, the "
+            f"checkpoint a new session restores; {newer}\n"
         )
-    return restore
+    return choice.path
+
+
+def _newer_ones(directory: str, choice: RestoreChoice) -> str:
+    """ "newer ones are corrupted (NAME: PROBLEM; ...)" for the ones restore skips, or ""."""
+    if not choice.skipped:
+        return ""
+    kinds = {problem.kind for _path, problem in choice.skipped}
+    what = _either([_KIND_COUNTS[kind][1] for kind in _KIND_COUNTS if kind in kinds])
+    listed = "; ".join(
+        f"{display_name(directory, path)}: {printable(problem.message)}"
+        for path, problem in choice.skipped
+    )
+    return f"newer ones are {what} ({listed})"
 
 
 def _print_inspection(doc: Mapping[str, Any]) -> None:
@@ -212,21 +296,21 @@ def verify(path: str) -> int:
         names = [display_name(path, p) for p in paths]
     else:
         paths, names = [path], [printable(path)]
-    failed: dict[str, list[str]] = {"corrupted": [], "unreadable": []}
+    bad: list[str] = []
+    kinds: set[ProblemKind] = set()
     table = []
     for name, p in zip(names, paths, strict=True):
-        problem = problem_of(p)
+        problem = check_checkpoint(p)
         if problem is None:
             table.append(["ok", name])
             continue
-        verdict = "unreadable" if problem.startswith("unreadable") else "corrupted"
-        failed[verdict].append(name)
-        detail = problem.removeprefix("unreadable: ")
-        table.append([verdict if verdict == "unreadable" else "CORRUPTED", f"{name}: {detail}"])
+        bad.append(name)
+        kinds.add(problem.kind)
+        table.append([_LABELS[problem.kind], f"{name}: {_detail(problem.kind, problem.message)}"])
     print_table([[status, printable(text)] for status, text in table])
-    bad = failed["corrupted"] + failed["unreadable"]
     if bad:
-        what = " or ".join(verdict for verdict, names in failed.items() if names)
+        several = len(bad) > 1
+        what = _either([_KIND_COUNTS[kind][several] for kind in _KIND_COUNTS if kind in kinds])
         raise CommandFailed(
             f"{len(bad)} of {count(len(paths), 'checkpoint')} {what}: {', '.join(bad)}"
         )

@@ -3,6 +3,14 @@
 A file written through ``atomic_write`` is either absent or complete under its final name, even if
 the process is killed at any instant; what a killed write can leave behind is a temporary file
 (``<basename>.tmp-<32 hex digits>``) beside it, which ``remove_stray_temp_files`` cleans up.
+
+Temporary files are owned through a lock: the writer holds an exclusive ``flock`` on its
+temporary file from creation until the rename, and the cleanup deletes a temporary file only
+after taking that lock itself without waiting. A write in progress (in this process or any other
+on the machine) holds the lock, so its file is left alone; a killed writer's lock died with its
+process, so its leftover is removed. ``flock`` locks belong to the open file description, so two
+savers in one process exclude each other as two processes do. Where ``flock`` is missing
+(Windows), an open file cannot be deleted anyway, which gives the same protection.
 """
 
 from __future__ import annotations
@@ -12,9 +20,15 @@ import errno
 import logging
 import os
 import re
+import stat
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import BinaryIO
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None  # type: ignore[assignment]
 
 logger = logging.getLogger(__name__)
 
@@ -76,21 +90,76 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[BinaryIO], objec
     exception propagates.
     """
     path = os.fspath(path)
-    directory, basename = os.path.split(path)
-    tmp_path = os.path.join(directory, f"{basename}{TEMP_INFIX}{uuid.uuid4().hex}")
-    try:
-        # "x": a fresh uuid never names an existing file; if it somehow did, fail, not clobber.
-        with open(tmp_path, "xb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
+    directory = os.path.dirname(path)
+    with _owned_temp_file(path) as (tmp_path, f):
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+        # Renamed while still locked: the cleanup never sees this name unlocked while it is ours.
         os.replace(tmp_path, path)
+    fsync_dir(directory or os.curdir)
+
+
+# A cleanup that unlinks a file between our create and our lock makes us retry with a new name.
+_CREATE_ATTEMPTS = 5
+
+
+@contextlib.contextmanager
+def _owned_temp_file(path: str) -> Iterator[tuple[str, BinaryIO]]:
+    """A new temporary file beside ``path``, locked against the cleanup until it is closed.
+
+    If the body raises, the temporary file is removed and the exception propagates.
+    """
+    directory, basename = os.path.split(path)
+    for _attempt in range(_CREATE_ATTEMPTS):
+        tmp_path = os.path.join(directory, f"{basename}{TEMP_INFIX}{uuid.uuid4().hex}")
+        # "x": a fresh uuid never names an existing file; if it somehow did, fail, not clobber.
+        f = open(tmp_path, "xb")  # noqa: SIM115  # closed below on every path
+        try:
+            _lock(f.fileno())
+            if _still_named(f.fileno(), tmp_path):
+                break
+        except BaseException:
+            f.close()
+            raise
+        # Another saver's cleanup removed it between the create and the lock: try a new name.
+        f.close()
+    else:
+        raise OSError(
+            errno.EAGAIN,
+            f"could not create a temporary file beside {path}: it was deleted "
+            f"{_CREATE_ATTEMPTS} times before it could be locked",
+        )
+    try:
+        with f:
+            yield tmp_path, f
     except BaseException:
         # BaseException: a KeyboardInterrupt in the middle of a write must not leave the file.
         with contextlib.suppress(OSError):
             os.remove(tmp_path)
         raise
-    fsync_dir(directory or os.curdir)
+
+
+def _lock(fd: int) -> None:
+    """Hold an exclusive ``flock`` on ``fd`` until it is closed (a no-op where there is none)."""
+    if fcntl is None:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    except OSError as err:
+        # A file system without locks: write anyway; its cleanup leaves every temp file alone.
+        if err.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+            raise
+
+
+def _still_named(fd: int, path: str) -> bool:
+    """Whether the open file ``fd`` is still the file at ``path`` (not unlinked or replaced)."""
+    try:
+        named = os.stat(path)
+    except FileNotFoundError:
+        return False
+    opened = os.fstat(fd)
+    return (named.st_dev, named.st_ino) == (opened.st_dev, opened.st_ino)
 
 
 def is_temp_file(name: str | os.PathLike[str]) -> bool:
@@ -101,8 +170,9 @@ def is_temp_file(name: str | os.PathLike[str]) -> bool:
 def remove_stray_temp_files(directory: str | os.PathLike[str]) -> list[str]:
     """Delete the temporary files that killed ``atomic_write`` calls left in ``directory``.
 
-    Call it only while no other process writes to ``directory``: a temporary file of a write in
-    progress cannot be told apart from a stray one. A missing directory has nothing to clean.
+    A temporary file whose writer is still at work (in any process) is locked by it and left
+    alone; only a file whose lock this call can take is deleted, while it holds the lock. A
+    missing directory has nothing to clean.
 
     Returns:
         The paths removed, sorted.
@@ -118,9 +188,11 @@ def remove_stray_temp_files(directory: str | os.PathLike[str]) -> list[str]:
         try:
             if not entry.is_file(follow_symlinks=False):
                 continue
-            os.remove(entry.path)
+            if not _remove_if_unowned(entry.path):
+                logger.debug("Temporary file %s is being written; it is left alone.", entry.path)
+                continue
         except FileNotFoundError:
-            # Removed by someone else since the listing: nothing left to clean.
+            # Removed by someone else since the listing, or committed (renamed) by its writer.
             continue
         except OSError as err:
             # Leftovers waste space but harm nothing; a failed cleanup must not stop training.
@@ -129,3 +201,69 @@ def remove_stray_temp_files(directory: str | os.PathLike[str]) -> list[str]:
         logger.info("Removed stray temporary file %s left by an interrupted save.", entry.path)
         removed.append(entry.path)
     return sorted(removed)
+
+
+def _remove_if_unowned(path: str) -> bool:
+    """Delete the temporary file at ``path`` unless a live writer holds its lock."""
+    # O_NONBLOCK: a FIFO given a temporary file's name must not hang the cleanup.
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return False
+        if fcntl is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False
+            except OSError as err:
+                if err.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                    return False  # no locks here: a live write cannot be told from a stray
+                raise
+        # Locked by us: the writer is gone, or renamed it already (then this name is not its).
+        if not _still_named(fd, path):
+            return False
+        os.remove(path)
+        return True
+    finally:
+        os.close(fd)
+
+
+def file_type(mode: int) -> str:
+    """What a file of ``st_mode`` ``mode`` is, for messages: ``"a FIFO"``, ``"a directory"``."""
+    for test, what in (
+        (stat.S_ISREG, "a regular file"),
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+    ):
+        if test(mode):
+            return what
+    return "not a regular file"
+
+
+def read_small_file(path: str | os.PathLike[str], limit: int) -> bytes:
+    """The bytes of the regular file at ``path``, which must hold at most ``limit`` bytes.
+
+    A FIFO, a device or a directory under that name is refused at once rather than read (or
+    waited on) forever, and so is a file larger than ``limit``.
+
+    Raises:
+        FileNotFoundError: nothing is at ``path``.
+        ValueError: ``path`` is not a regular file, or is larger than ``limit``.
+        OSError: it cannot be opened or read.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise ValueError(f"{os.fspath(path)} is {file_type(mode)}, not a regular file")
+    except BaseException:
+        os.close(fd)
+        raise
+    with open(fd, "rb") as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise ValueError(f"{os.fspath(path)} is larger than {limit} bytes")
+    return data

@@ -24,19 +24,29 @@ reads the setting through ``torch.serialization.get_crc32_options()``; it is rep
 function that answers False on a thread inside ``save_with_checksum`` and defers to torch's own
 setting everywhere else, so no other ``torch.save`` in the process changes. The records of our
 files then hold CRC 0 (``unzip -t`` complains; ``torch.load`` does not look).
+
+Reading is checked as carefully: ``open_regular_file`` opens only a regular file, so a FIFO, a
+device or a directory under a checkpoint's name is refused at once instead of read forever, and
+``check_file`` sorts every problem into a ``CheckpointProblem`` kind, because what a user (and
+restore) should do differs: a *corrupted* file is damaged; a file with *no checksum* (plain
+``torch.save``) is not known to be damaged at all, and must never be reported as if it were.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import re
+import stat
 import threading
 import zlib
 from concurrent import futures
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Literal
 
 import torch
+
+from ._fsutil import file_type
 
 _EOCD_SIGNATURE = b"PK\x05\x06"
 _EOCD_SIZE = 22
@@ -149,45 +159,153 @@ def save_with_checksum(obj: Any, file: BinaryIO) -> None:
         writer.finish()
 
 
-def verify(path: str | os.PathLike[str]) -> str | None:
-    """The problem found in the file at ``path``, or None when its checksum holds."""
+ProblemKind = Literal["corrupted", "unloadable", "unreadable", "not_a_file"]
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointProblem:
+    """What is wrong with one checkpoint file, as one of four kinds that call for different acts.
+
+    - ``corrupted``: its bytes are damaged (truncated, a checksum mismatch, a damaged end
+      record). Only this kind means the file is bad; restore skips it.
+    - ``unloadable``: nothing shows damage, but it cannot be loaded as asked (a plain
+      ``torch.save`` file has no checksum). It may be the newest good state of a run: restore
+      stops there instead of falling back to an older checkpoint.
+    - ``unreadable``: it could not be read (no permission, an I/O error, missing): its bytes may
+      be fine, so restore stops there too.
+    - ``not_a_file``: a directory, FIFO, socket or device stands where a checkpoint should be; it
+      was not opened (a FIFO would block forever), and restore skips it.
+    """
+
+    kind: ProblemKind
+    message: str
+    """One line, naming the cause: ``"checksum mismatch: ..."``, ``"unreadable: ..."``."""
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class NotRegularFileError(Exception):
+    """``path`` names a directory, FIFO, socket or device, which was not opened."""
+
+    def __init__(self, path: str, what: str) -> None:
+        super().__init__(f"{path} is {what}, not a regular file")
+        self.path = path
+        self.what = what
+        """``"a FIFO"``, ``"a directory"``, ...: what stands at ``path``."""
+
+
+# O_NONBLOCK: if a FIFO is swapped in between the stat and the open, the open returns at once
+# instead of waiting for a writer. O_NOCTTY: a terminal device never becomes ours.
+_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
+_OPEN_FLAGS = _NONBLOCK | getattr(os, "O_NOCTTY", 0)
+
+
+def _open_without_blocking(path: str, flags: int) -> int:
+    return os.open(path, flags | _OPEN_FLAGS)
+
+
+def open_regular_file(path: str) -> io.BufferedReader:
+    """``path`` opened for reading, when it is a regular file (a symbolic link to one is).
+
+    Anything else is refused unopened: reading a FIFO waits for a writer forever, ``/dev/zero``
+    never ends, and opening some devices has effects (a tape rewinds). The file opened is checked
+    again through its descriptor, so what is read is the regular file that was checked.
+
+    Raises:
+        NotRegularFileError: ``path`` is a directory, FIFO, socket or device.
+        OSError: it does not exist (``FileNotFoundError``) or cannot be opened.
+    """
+    mode = os.stat(path).st_mode
+    if not stat.S_ISREG(mode):
+        raise NotRegularFileError(path, file_type(mode))
+    f = open(path, "rb", opener=_open_without_blocking)  # noqa: SIM115  # the caller closes it
     try:
-        f = open(path, "rb")  # noqa: SIM115  # closed below; an open error is a problem too
+        mode = os.fstat(f.fileno()).st_mode
+        if not stat.S_ISREG(mode):
+            raise NotRegularFileError(path, file_type(mode))
+        if _NONBLOCK:
+            # A slow device's read must wait for its data, not fail with EAGAIN.
+            os.set_blocking(f.fileno(), True)
+    except BaseException:
+        f.close()
+        raise
+    return f
+
+
+def check_file(path: str) -> CheckpointProblem | None:
+    """The problem found in the checkpoint file at ``path``, or None when its checksum holds.
+
+    Only the checksum is checked; nothing is unpickled. Never raises for a bad file.
+    """
+    try:
+        f = open_regular_file(path)
+    except NotRegularFileError as err:
+        return CheckpointProblem("not_a_file", f"not a regular file: it is {err.what}")
     except OSError as err:
-        return f"unreadable: {err.strerror or err}"
+        # Missing counts as unreadable, not as "nothing there": a dangling link may point into
+        # a file system that is not mounted, and its checkpoint must not be passed over.
+        return CheckpointProblem("unreadable", f"unreadable: {err.strerror or err}")
     with f:
-        return verify_open_file(f)
+        try:
+            return checksum_problem(f)
+        except OSError as err:
+            return CheckpointProblem("unreadable", f"unreadable: {err.strerror or err}")
 
 
-def verify_open_file(f: io.BufferedReader) -> str | None:
-    """The problem found in the open file ``f``, or None; a failed read is "unreadable"."""
-    try:
-        return _check(f, os.fstat(f.fileno()).st_size)
-    except OSError as err:
-        return f"unreadable: {err.strerror or err}"
+def checksum_problem(f: io.BufferedReader) -> CheckpointProblem | None:
+    """What the checksum trailer of the open file ``f`` says is wrong with it, or None.
+
+    The kind is ``corrupted``, or ``unloadable`` for a file that has no checksum at all.
+
+    Raises:
+        OSError: a read failed (the file is unreadable, which says nothing of its bytes).
+    """
+    return _check(f, os.fstat(f.fileno()).st_size)
 
 
-def _check(f: io.BufferedReader, size: int) -> str | None:
+# torch.save's format before zip archives (torch < 1.6, or _use_new_zipfile_serialization=False)
+# starts with a pickled magic number: protocol 2, then the 10-byte long 0x1950a86a20f9469cfc6c.
+_LEGACY_TORCH_MAGIC = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19"
+
+_NO_CHECKSUM = (
+    "no checksum: {what}, not written by torch_ckpt_hook, so damage to it cannot be detected"
+)
+
+
+def _corrupted(message: str) -> CheckpointProblem:
+    return CheckpointProblem("corrupted", message)
+
+
+def _check(f: io.BufferedReader, size: int) -> CheckpointProblem | None:
+    f.seek(0)
+    if f.read(len(_LEGACY_TORCH_MAGIC)) == _LEGACY_TORCH_MAGIC:
+        # Whether its end is intact cannot be told: the format has no end record.
+        what = "a torch.save file of the format before zip archives (torch < 1.6)"
+        return CheckpointProblem("unloadable", _NO_CHECKSUM.format(what=what))
     if size < _EOCD_SIZE + TRAILER_SIZE:
-        return f"truncated: {size} bytes is too short for a checkpoint"
+        return _corrupted(f"truncated: {size} bytes is too short for a checkpoint")
     f.seek(size - TRAILER_SIZE)
     match = _TRAILER.fullmatch(f.read(TRAILER_SIZE))
     if match is None:
         f.seek(size - _EOCD_SIZE)
         eocd = f.read(_EOCD_SIZE)
         if eocd.startswith(_EOCD_SIGNATURE) and eocd[-2:] == b"\0\0":
-            return "no checksum: a plain torch.save archive, not written by torch_ckpt_hook"
-        return "truncated or damaged: the checksum trailer at its end is missing"
+            # torch.save ends its archive with a comment-less end record; ours has a comment,
+            # so a file of ours cut short never ends like this.
+            what = "a plain torch.save archive"
+            return CheckpointProblem("unloadable", _NO_CHECKSUM.format(what=what))
+        return _corrupted("truncated or damaged: the checksum trailer at its end is missing")
     stored_crc, covered = int(match[1], 16), int(match[2], 16)
     if covered != size - TRAILER_SIZE:
-        return (
+        return _corrupted(
             f"truncated or damaged: its trailer covers {covered} bytes, "
             f"the file holds {size - TRAILER_SIZE} before it"
         )
     f.seek(covered - _EOCD_SIZE)
     eocd = f.read(_EOCD_SIZE)
     if not eocd.startswith(_EOCD_SIGNATURE) or eocd[-2:] != TRAILER_SIZE.to_bytes(2, "little"):
-        return "damaged: the zip end-of-archive record before its trailer is not intact"
+        return _corrupted("damaged: the zip end-of-archive record before its trailer is not intact")
     f.seek(0)
     crc = 0
     buffer = bytearray(_CHUNK)
@@ -196,9 +314,9 @@ def _check(f: io.BufferedReader, size: int) -> str | None:
     while remaining:
         n = f.readinto(view[: min(remaining, _CHUNK)])
         if not n:
-            return f"truncated: the file ended {remaining} bytes early while being read"
+            return _corrupted(f"truncated: the file ended {remaining} bytes early while being read")
         crc = zlib.crc32(view[:n], crc)
         remaining -= n
     if crc != stored_crc:
-        return f"checksum mismatch: stored crc32 {stored_crc:08x}, computed {crc:08x}"
+        return _corrupted(f"checksum mismatch: stored crc32 {stored_crc:08x}, computed {crc:08x}")
     return None

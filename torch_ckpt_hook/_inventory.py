@@ -5,10 +5,11 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from ._checkpoint_file import verify_checkpoint
+from ._checkpoint_dir import RestoreChoice, restore_choice
+from ._checkpoint_file import CheckpointProblem, check_checkpoint
 from ._cli_format import printable, timestamp
 from ._fsutil import is_temp_file, path_key, same_path
-from ._session_manager import _candidates as restore_candidates
+from ._integrity import ProblemKind
 from ._state_file import (
     _CHECKPOINT_NAME,
     STATE_FILENAME,
@@ -31,7 +32,9 @@ def checkpoint_paths(directory: str) -> list[str]:
 
     On disk, a file counts when it is a committed checkpoint (``find_checkpoints``), or when it
     is named ``<prefix>-<step>`` with a prefix a checkpoint here uses (``model.ckpt`` by default):
-    a damaged checkpoint must be listed, a user's ``notes-2`` must not.
+    a damaged checkpoint must be listed, a user's ``notes-2`` must not. So does anything else of
+    such a name (a directory, a FIFO, a device): it stands where a checkpoint should be, and is
+    listed to be reported, never opened.
 
     Raises:
         OSError: the directory cannot be listed.
@@ -54,7 +57,6 @@ def checkpoint_paths(directory: str) -> list[str]:
                 and m["prefix"] in prefixes
                 and entry.name != STATE_FILENAME
                 and not is_temp_file(entry.name)
-                and entry.is_file()
             ):
                 paths.append(entry.path)
     unique: dict[str, str] = {}
@@ -87,30 +89,29 @@ class Listed:
     name: str
     step: int | None
     size_bytes: int | None
+    """None for a file that cannot be stat'ed, and for one that is not a regular file."""
     mtime: float | None
     saved_at: str | None
     intact: bool
     problem: str | None
+    kind: ProblemKind | None
+    """The problem's kind (``corrupted``, ``unloadable``, ``unreadable``, ``not_a_file``)."""
     latest: bool
     """The state file's ``model_checkpoint_path``: what ``latest_checkpoint`` returns."""
     restore: bool
-    """The checkpoint a new session restores: the newest intact one, in the session's order."""
-
-    @property
-    def unreadable(self) -> bool:
-        return self.problem is not None and self.problem.startswith("unreadable")
+    """The checkpoint a new session restores: ``restore_choice``'s."""
 
 
-def list_checkpoints(directory: str) -> list[Listed]:
-    """Every checkpoint ``checkpoint_paths`` finds, verified, oldest first.
+def list_checkpoints(directory: str) -> tuple[list[Listed], RestoreChoice]:
+    """Every checkpoint ``checkpoint_paths`` finds, verified, oldest first; and the restore choice.
 
     Raises:
         OSError: the directory cannot be listed.
     """
     paths = checkpoint_paths(directory)
-    problems = {path_key(path): problem_of(path) for path in paths}
+    problems = {path_key(path): check_checkpoint(path) for path in paths}
     latest = latest_checkpoint(directory)
-    restore, _skipped = restore_choice(directory, problems)
+    choice = restore_choice(directory, problems)
     listed = []
     for path in paths:
         problem = problems[path_key(path)]
@@ -118,9 +119,13 @@ def list_checkpoints(directory: str) -> list[Listed]:
             stat = os.stat(path)
         except OSError as err:
             size, mtime = None, None
-            problem = problem or f"unreadable: {err.strerror or err}"
+            problem = problem or CheckpointProblem(
+                "unreadable", f"unreadable: {err.strerror or err}"
+            )
         else:
-            size, mtime = stat.st_size, stat.st_mtime
+            mtime = stat.st_mtime
+            # A directory's or a device's size says nothing about a checkpoint.
+            size = None if problem is not None and problem.kind == "not_a_file" else stat.st_size
         listed.append(
             Listed(
                 path=printable(os.path.abspath(path)),
@@ -130,38 +135,10 @@ def list_checkpoints(directory: str) -> list[Listed]:
                 mtime=mtime,
                 saved_at=None if mtime is None else timestamp(mtime).isoformat(),
                 intact=problem is None,
-                problem=None if problem is None else printable(problem),
+                problem=None if problem is None else printable(problem.message),
+                kind=None if problem is None else problem.kind,
                 latest=latest is not None and same_path(latest, path),
-                restore=restore is not None and same_path(restore, path),
+                restore=choice.path is not None and same_path(choice.path, path),
             )
         )
-    return listed
-
-
-def problem_of(path: str) -> str | None:
-    """``verify_checkpoint``'s verdict, with a file that cannot be stat'ed unreadable too."""
-    try:
-        os.stat(path)
-    except OSError as err:
-        return f"unreadable: {err.strerror or err}"
-    return verify_checkpoint(path)
-
-
-def restore_choice(
-    directory: str, problems: dict[str, str | None] | None = None
-) -> tuple[str | None, list[tuple[str, str]]]:
-    """The checkpoint a new session on ``directory`` restores, and the ones it skips first.
-
-    A session tries the state file's checkpoints newest first, then the others on disk, and
-    restores the first intact one; the skipped ones come back as ``(path, problem)``.
-    ``problems`` maps ``path_key``s to verdicts already known, so no file is read twice.
-    """
-    known = problems if problems is not None else {}
-    skipped: list[tuple[str, str]] = []
-    for path in restore_candidates(directory):
-        key = path_key(path)
-        problem = known[key] if key in known else problem_of(path)
-        if problem is None:
-            return path, skipped
-        skipped.append((path, problem))
-    return None, skipped
+    return listed, choice

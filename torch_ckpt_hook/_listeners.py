@@ -18,6 +18,14 @@ class CheckpointSaverListener:
     ``wait_until_finished()`` / ``end()``. A truthy return from ``after_save`` asks training to
     stop; it is ignored for the save at session creation and the one in ``end()``.
     ``end(session, global_step_value)`` runs once from the hook's ``end()``, after the final save.
+
+    A listener that raises an ``Exception`` does not stop the hook's work: the save goes ahead,
+    every other listener is called, and the error is raised once, at the end of that hook call,
+    as the same object with a note naming the listener and the method (when several raise, the
+    first; the others are logged). A listener whose ``before_save(N)`` raised gets no
+    ``after_save(N)``; every other one that got ``before_save(N)`` gets ``after_save(N)`` once N
+    is durable. Errors from ``begin()`` and ``end()`` are raised after every listener's
+    ``begin()`` or ``end()`` ran, and those from ``end()`` after every save is durable.
     """
 
     def begin(self) -> None:

@@ -11,8 +11,10 @@ from typing import Any, TypeVar
 
 import torch
 
+from ._checkpoint_hook import CheckpointSaverHook
 from ._coordinator import Coordinator
 from ._fetches import check_fetches, merge_feeds, resolve_fetches
+from ._fsutil import path_key
 from ._hooks import SessionRunArgs, SessionRunContext, SessionRunHook, SessionRunValues
 from ._scaffold import Scaffold
 from ._session import Session
@@ -42,6 +44,23 @@ def _check_hooks(hooks: Iterable[SessionRunHook] | None, name: str) -> list[Sess
                 f"{name}[{index}] must be a SessionRunHook, got {type(hook).__qualname__}"
             )
     return hooks
+
+
+def _check_distinct_savers(hooks: list[SessionRunHook]) -> None:
+    """Refuse two checkpoint hooks that would write one series: they would prune each other."""
+    seen: dict[str, int] = {}
+    for index, hook in enumerate(hooks):
+        if not isinstance(hook, CheckpointSaverHook):
+            continue
+        key = path_key(hook.save_path)
+        if key in seen:
+            raise ValueError(
+                f"hooks holds two CheckpointSaverHooks that write {hook.save_path}-<step> "
+                f"(hooks[{seen[key]}] and hooks[{index}], counting the runner's default hooks "
+                "first): they would overwrite and prune each other's checkpoints. Keep one, or "
+                "give the other its own checkpoint_basename or checkpoint_dir."
+            )
+        seen[key] = index
 
 
 def _check_path(value: object, name: str) -> str | None:
@@ -85,6 +104,7 @@ class _MonitoredSession:
     ) -> None:
         self._state = _State.NEW
         self._hooks = _check_hooks(hooks, "hooks")
+        _check_distinct_savers(self._hooks)
         if scaffold is not None and not isinstance(scaffold, Scaffold):
             raise TypeError(
                 f"scaffold must be a Scaffold or None, got {type(scaffold).__qualname__}"
@@ -117,7 +137,11 @@ class _MonitoredSession:
             self._signals.install()
         except BaseException:
             self._state = _State.CLOSED
-            self._release()
+            try:
+                # A save staged before the failure (the creation save) still commits.
+                self._drain(raise_errors=False)
+            finally:
+                self._release()
             raise
         self._state = _State.OPEN
 
@@ -236,8 +260,7 @@ class _MonitoredSession:
         ended = False
         try:
             if clean:
-                for hook in self._hooks:
-                    hook.end(self._session)
+                self._end_hooks()
             ended = True
         finally:
             try:
@@ -246,6 +269,24 @@ class _MonitoredSession:
                 self._drain(raise_errors=clean and ended)
             finally:
                 self._release()
+
+    def _end_hooks(self) -> None:
+        """Every hook's ``end()``, in order, even after one raised; then the first error.
+
+        A hook's ``end()`` that fails must not cost a later hook its own (the checkpoint hook's
+        final save, a summary writer's flush); the others' errors are logged.
+        """
+        first: Exception | None = None
+        for hook in self._hooks:
+            try:
+                hook.end(self._session)
+            except Exception as err:
+                if first is None:
+                    first = err
+                else:
+                    logger.error("%r.end() failed as well", hook, exc_info=err)
+        if first is not None:
+            raise first
 
     def _drain(self, raise_errors: bool) -> None:
         """Commit the saves already staged, whatever the exit path."""

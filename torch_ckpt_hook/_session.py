@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import functools
+import logging
 import weakref
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -13,6 +16,8 @@ from ._rng import get_rng_state, set_rng_state
 
 if TYPE_CHECKING:
     from ._copy_engine import Fence
+
+logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 PAYLOAD_KEYS = ("format_version", "global_step", "model", "optimizer", "extra_state", "rng")
@@ -50,6 +55,16 @@ def check_extra_state(extra_state: object) -> dict[str, Any]:
                     f"got {_type_name(obj)} which has none"
                 )
     return dict(extra_state)
+
+
+def _shallow_optimizer_state(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """What ``optimizer.load_state_dict`` needs to put its current state back.
+
+    Its ``state_dict()`` refers to the live state tensors; ``load_state_dict`` installs new ones
+    rather than writing into those, so they still hold the current values afterwards.
+    """
+    state = optimizer.state_dict()
+    return {"state": dict(state["state"]), "param_groups": copy.deepcopy(state["param_groups"])}
 
 
 class Session:
@@ -152,18 +167,69 @@ class Session:
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Restore everything in the payload: model, optimizer, extra state, step and RNG states.
 
-        The payload is checked before anything is changed.
+        All or nothing: the payload is checked against the session before anything changes (the
+        model's keys and shapes included), and if a load still fails part-way (an extra-state
+        object that raises, an optimizer that refuses its state), what was already loaded is
+        put back as it was and the error propagates.
         """
         self._check_payload(state_dict)
+        self._check_model_state(state_dict["model"])
         self._guard.settle()
+        # Undo records, cheap ones only: the RNG states and the extra states are small, and an
+        # optimizer's state_dict() refers to tensors that load_state_dict replaces rather than
+        # overwrites. The model has none (a copy would double its memory); it is checked above
+        # and loaded last, so nothing is loaded after it that could fail.
+        rng = get_rng_state()
+        undo: list[Callable[[], object]] = [functools.partial(set_rng_state, rng)]
+        try:
+            set_rng_state(state_dict["rng"])
+            for name, obj in self._extra_state.items():
+                undo.append(functools.partial(obj.load_state_dict, copy.deepcopy(obj.state_dict())))
+                obj.load_state_dict(state_dict["extra_state"][name])
+            if self._optimizer is not None:
+                before = _shallow_optimizer_state(self._optimizer)
+                undo.append(functools.partial(self._optimizer.load_state_dict, before))
+                self._optimizer.load_state_dict(state_dict["optimizer"])
+            self._model.load_state_dict(state_dict["model"])
+        except BaseException:
+            for step in reversed(undo):
+                try:
+                    step()
+                except Exception:
+                    # The object that failed may refuse its old state too; the rest still roll
+                    # back, and the original error is the one that propagates.
+                    logger.exception("Could not put back a state while undoing a failed restore")
+            raise
         self._restored_from = None
-        self._model.load_state_dict(state_dict["model"])
-        if self._optimizer is not None:
-            self._optimizer.load_state_dict(state_dict["optimizer"])
-        for name, obj in self._extra_state.items():
-            obj.load_state_dict(state_dict["extra_state"][name])
         self._global_step = state_dict["global_step"]
-        set_rng_state(state_dict["rng"])
+
+    def _check_model_state(self, model_state: object) -> None:
+        """Raise before anything loads when ``model_state`` does not fit the model (strict)."""
+        if not isinstance(model_state, Mapping):
+            raise TypeError(f"state_dict['model'] must be a dict, got {_type_name(model_state)}")
+        expected = self._model.state_dict()
+        missing = [key for key in expected if key not in model_state]
+        unexpected = [key for key in model_state if key not in expected]
+        wrong_shape = [
+            f"{key}: checkpoint {tuple(value.shape)}, model {tuple(expected[key].shape)}"
+            for key, value in model_state.items()
+            if key in expected
+            and isinstance(value, torch.Tensor)
+            and isinstance(expected[key], torch.Tensor)
+            and value.shape != expected[key].shape
+        ]
+        if missing or unexpected or wrong_shape:
+            parts = []
+            if missing:
+                parts.append(f"missing keys {missing}")
+            if unexpected:
+                parts.append(f"unexpected keys {unexpected}")
+            if wrong_shape:
+                parts.append(f"shape mismatches [{'; '.join(wrong_shape)}]")
+            raise ValueError(
+                f"the checkpoint's model state does not fit the model ({', '.join(parts)}); "
+                "nothing was loaded"
+            )
 
     def _protect_until_copied(self, fence: Fence, *, coarse: bool) -> None:
         """Make the next in-place update of a saved tensor wait on the device for ``fence``."""

@@ -7,10 +7,23 @@ accelerator tensors are pinned, so their copies run asynchronously at full bus s
 
 The area holds one copy of the payload: the ``Saver`` stages again only once the previous write
 has finished, which is what bounds staging memory to one payload.
+
+Everything else is snapshotted at the ``stage()`` call too (SPEC 5.1), since the writer reads the
+staged payload after training has moved on: every container is rebuilt as its own type with its
+contents staged (a ``Counter`` stays an equal ``Counter``, a ``defaultdict`` keeps its
+``default_factory``, an ``OrderedDict`` its order and attributes, a namedtuple its type), every
+other mutable value is copied (``bytearray``, or ``copy.deepcopy`` for objects), and immutable
+scalars, strings and bytes are shared. A container met twice is copied once and stays shared;
+dict keys are shared (they are hashable, so the dict already relies on them not changing). A
+value that cannot be copied, a reference cycle or nesting deeper than ``MAX_DEPTH`` raises a
+``TypeError`` naming its place, before any copy is enqueued.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+from collections import Counter, OrderedDict, defaultdict
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -25,8 +38,28 @@ from ._copy_engine import (
     HostCopyEngine,
     group_by_device,
 )
+from ._payload_check import MAX_DEPTH, Attr, Member, format_path, plain_dense, type_name
 
 _Path = tuple[Any, ...]
+
+# Immutable and holding nothing mutable: the staged payload shares them.
+_IMMUTABLE = frozenset(
+    {
+        int,
+        float,
+        bool,
+        str,
+        bytes,
+        complex,
+        type(None),
+        torch.dtype,
+        torch.device,
+        torch.Size,
+        torch.layout,
+        torch.memory_format,
+        torch.qscheme,
+    }
+)
 
 
 class CopyEngine(Protocol):
@@ -42,11 +75,7 @@ def default_engine(device: torch.device) -> CopyEngine:
 
 def _stageable(tensor: torch.Tensor) -> bool:
     """Plain dense tensors go through the reused buffers; anything exotic is copied afresh."""
-    return (
-        type(tensor) in (torch.Tensor, torch.nn.Parameter)
-        and tensor.layout == torch.strided
-        and not tensor.is_quantized
-    )
+    return plain_dense(tensor)
 
 
 def _alias_key(tensor: torch.Tensor) -> tuple[Any, ...]:
@@ -80,14 +109,12 @@ class StagingArea:
         ``fence.wait_on_host()``, and make the next in-place update of a source tensor wait for
         ``fence.wait_on_device()``.
         """
-        pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
-        used: set[_Path] = set()
-        aliases: dict[tuple[Any, ...], torch.Tensor] = {}
-        staged = self._walk(payload, (), pairs, used, aliases)
+        run = _Run()
+        staged = self._walk(payload, (), run, 0)
         # A tensor that left the payload (a smaller model, a dropped state) frees its buffer.
-        for path in self._buffers.keys() - used:
+        for path in self._buffers.keys() - run.used:
             del self._buffers[path]
-        fences = [self._engine(device).copy(group) for device, group in group_by_device(pairs)]
+        fences = [self._engine(device).copy(group) for device, group in group_by_device(run.pairs)]
         return staged, FenceGroup(fences) if fences else DoneFence()
 
     def _engine(self, device: torch.device) -> CopyEngine:
@@ -95,27 +122,76 @@ class StagingArea:
             self._engines[device] = self._engine_for(device)
         return self._engines[device]
 
-    def _walk(
-        self,
-        obj: Any,
-        path: _Path,
-        pairs: list[tuple[torch.Tensor, torch.Tensor]],
-        used: set[_Path],
-        aliases: dict[tuple[Any, ...], torch.Tensor],
-    ) -> Any:
+    def _walk(self, obj: Any, path: _Path, run: _Run, depth: int) -> Any:
         if isinstance(obj, torch.Tensor):
-            return self._stage_tensor(obj.detach(), path, pairs, used, aliases)
-        if isinstance(obj, dict):
-            return type(obj)(
-                (key, self._walk(value, (*path, key), pairs, used, aliases))
-                for key, value in obj.items()
+            return self._stage_tensor(obj.detach(), path, run.pairs, run.used, run.aliases)
+        if type(obj) in _IMMUTABLE:
+            return obj
+        ident = id(obj)
+        if ident in run.copies:
+            return run.copies[ident][1]
+        if ident in run.open:
+            raise TypeError(
+                f"cannot stage {format_path(path)}: it is {format_path(run.open[ident])} again, a "
+                f"{type_name(type(obj))} that contains itself (a reference cycle); a checkpoint "
+                "holds copies of values, so store the data without the cycle"
             )
-        if isinstance(obj, list):
-            return [self._walk(v, (*path, i), pairs, used, aliases) for i, v in enumerate(obj)]
-        if isinstance(obj, tuple):
-            items = [self._walk(v, (*path, i), pairs, used, aliases) for i, v in enumerate(obj)]
-            return type(obj)(*items) if hasattr(obj, "_fields") else tuple(items)
-        return obj
+        if depth >= MAX_DEPTH:
+            raise TypeError(
+                f"cannot stage {format_path(path)}: it is nested more than {MAX_DEPTH} containers "
+                "deep, which torch.save, pickling recursively, may not write; store the data "
+                "flatter (e.g. a list of records)"
+            )
+        run.open[ident] = path
+        try:
+            staged = self._copy(obj, path, run, depth + 1)
+        finally:
+            del run.open[ident]
+        # The original stays referenced, so its id is not reused by another object in this run.
+        run.copies[ident] = (obj, staged)
+        return staged
+
+    def _copy(self, obj: Any, path: _Path, run: _Run, depth: int) -> Any:
+        """A copy of ``obj`` (not a tensor, not immutable) made of staged contents."""
+        cls = type(obj)
+        if cls is dict:
+            return {
+                key: item
+                if type(item) in _IMMUTABLE
+                else self._walk(item, (*path, key), run, depth)
+                for key, item in obj.items()
+            }
+        if cls is list or cls is tuple:
+            if set(map(type, obj)) <= _IMMUTABLE:
+                return list(obj) if cls is list else obj
+            items = [self._walk(item, (*path, i), run, depth) for i, item in enumerate(obj)]
+            return items if cls is list else tuple(items)
+        if cls is bytearray:
+            return bytearray(obj)
+        if isinstance(obj, dict):
+            items = [(key, self._walk(item, (*path, key), run, depth)) for key, item in obj.items()]
+            attrs = self._walk_attrs(obj, path, run, depth)
+            return _rebuilt(obj, path, lambda: _rebuild_mapping(obj, items, attrs))
+        if isinstance(obj, (list, tuple)):
+            elements = [self._walk(item, (*path, i), run, depth) for i, item in enumerate(obj)]
+            attrs = self._walk_attrs(obj, path, run, depth)
+            return _rebuilt(obj, path, lambda: _rebuild_sequence(obj, elements, attrs))
+        if isinstance(obj, (set, frozenset)):
+            members = [self._walk(m, (*path, Member(i)), run, depth) for i, m in enumerate(obj)]
+            attrs = self._walk_attrs(obj, path, run, depth)
+            return _rebuilt(obj, path, lambda: _rebuild_set(obj, members, attrs))
+        # Anything else (a custom object, an array): a deep copy, since the writer reads it later.
+        return _rebuilt(obj, path, lambda: copy.deepcopy(obj))
+
+    def _walk_attrs(self, obj: Any, path: _Path, run: _Run, depth: int) -> dict[str, Any]:
+        """A container's instance attributes (a state_dict's ``_metadata``), staged."""
+        state = getattr(obj, "__dict__", None)
+        if not isinstance(state, dict):
+            return {}
+        return {
+            name: self._walk(value, (*path, Attr(name)), run, depth)
+            for name, value in state.items()
+        }
 
     def _stage_tensor(
         self,
@@ -143,3 +219,83 @@ class StagingArea:
         aliases[key] = buffer
         pairs.append((buffer, tensor))
         return buffer
+
+
+@dataclasses.dataclass
+class _Run:
+    """The bookkeeping of one ``stage()`` call."""
+
+    pairs: list[tuple[torch.Tensor, torch.Tensor]] = dataclasses.field(default_factory=list)
+    used: set[_Path] = dataclasses.field(default_factory=set)
+    aliases: dict[tuple[Any, ...], torch.Tensor] = dataclasses.field(default_factory=dict)
+    # id(original) -> (original, staged copy): a value met twice is copied once and stays shared.
+    copies: dict[int, tuple[Any, Any]] = dataclasses.field(default_factory=dict)
+    # Containers being copied, id -> path: meeting one again inside itself is a cycle.
+    open: dict[int, _Path] = dataclasses.field(default_factory=dict)
+
+
+def _rebuilt(obj: Any, path: _Path, make: Callable[[], Any]) -> Any:
+    """``make()``, with a failure turned into a ``TypeError`` that names ``obj``'s place."""
+    try:
+        return make()
+    except Exception as err:
+        raise TypeError(
+            f"cannot stage {format_path(path)}: a {type_name(type(obj))} could not be copied "
+            f"({type(err).__name__}: {err}); store a tensor or a Python number/str/list/dict "
+            "instead"
+        ) from err
+
+
+def _set_attrs(new: Any, attrs: dict[str, Any]) -> Any:
+    if attrs:
+        vars(new).update(attrs)
+    return new
+
+
+def _rebuild_mapping(
+    obj: dict[Any, Any], items: list[tuple[Any, Any]], attrs: dict[str, Any]
+) -> Any:
+    """A mapping of ``obj``'s type holding ``items``, in order, and ``attrs``."""
+    cls = type(obj)
+    new: Any
+    if cls is OrderedDict:
+        new = OrderedDict(items)
+    elif cls is Counter:
+        # Not Counter(pairs), which counts the pairs: each key gets its value, whatever it is.
+        new = Counter()
+        for key, value in items:
+            new[key] = value
+    elif cls is defaultdict and isinstance(obj, defaultdict):
+        new = defaultdict(obj.default_factory, items)
+    else:
+        # Any other subclass: its own copy (type, default, attributes), then the staged values.
+        new = copy.copy(obj)
+        for key, value in items:
+            new[key] = value
+    return _set_attrs(new, attrs)
+
+
+def _rebuild_sequence(
+    obj: list[Any] | tuple[Any, ...], elements: list[Any], attrs: dict[str, Any]
+) -> Any:
+    """A list or tuple of ``obj``'s type holding ``elements``, and ``attrs``."""
+    new: Any
+    if isinstance(obj, tuple):
+        make = getattr(type(obj), "_make", None)
+        # A namedtuple's _make skips a __new__ that takes the fields one by one.
+        new = make(elements) if callable(make) else type(obj)(elements)
+    else:
+        new = copy.copy(obj)
+        new[:] = elements
+    return _set_attrs(new, attrs)
+
+
+def _rebuild_set(obj: set[Any] | frozenset[Any], members: list[Any], attrs: dict[str, Any]) -> Any:
+    """A set or frozenset of ``obj``'s type holding ``members``, and ``attrs``."""
+    if isinstance(obj, frozenset):
+        new: Any = type(obj)(members)
+    else:
+        new = copy.copy(obj)
+        new.clear()
+        new.update(members)
+    return _set_attrs(new, attrs)

@@ -21,11 +21,15 @@ import re
 import zipfile
 from collections.abc import Iterator, Sequence
 
-from ._fsutil import atomic_write, is_temp_file, same_path
+from ._fsutil import atomic_write, is_temp_file, read_small_file, same_path
 
 logger = logging.getLogger(__name__)
 
 STATE_FILENAME = "checkpoint"
+
+# A state file listing a million checkpoints is about 50 MB; anything larger is not one, and is
+# refused before it is read (a garbage file, or /dev/zero under the name).
+STATE_FILE_LIMIT = 64 << 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -352,11 +356,10 @@ def get_checkpoint_state(
     checkpoint_dir = os.fspath(checkpoint_dir)
     state_path = _state_path(checkpoint_dir, latest_filename)
     try:
-        with open(state_path, "rb") as f:
-            raw = f.read()
+        raw = read_small_file(state_path, STATE_FILE_LIMIT)
     except FileNotFoundError:
         return None
-    except OSError as err:
+    except (OSError, ValueError) as err:
         logger.warning(
             "Checkpoint state file %s is unreadable (%s); it is ignored.", state_path, err
         )
@@ -375,7 +378,16 @@ def get_checkpoint_state(
         return None
 
     def resolve(p: str) -> str:
-        return p if os.path.isabs(p) else os.path.join(checkpoint_dir, p)
+        if not os.path.isabs(p):
+            return os.path.join(checkpoint_dir, p)
+        # TensorFlow wrote absolute paths, and its state file always lies beside its
+        # checkpoints: in a copied or moved run directory, an absolute path naming another
+        # directory means the file of that name here. The copy then resumes (and later prunes)
+        # its own files, never the original run's.
+        local = os.path.join(checkpoint_dir, os.path.basename(p))
+        if not same_path(os.path.dirname(p), checkpoint_dir) and os.path.lexists(local):
+            return local
+        return p
 
     model = resolve(model)
     all_paths = [resolve(p) for p in paths]

@@ -20,6 +20,13 @@ class SecondOrStepTimer:
     The rules are TensorFlow's: the first check always fires, a step never fires twice in a row,
     and both intervals are inclusive. The clock is ``time.time()``, looked up at call time, so a
     test can replace it.
+
+    Intervals count the time the clock ran forwards. A wall clock that steps backwards (an NTP
+    correction, a VM resumed from a snapshot, someone setting the date) is seen at the next
+    reading, and the reference moves back by as much: the seconds rule still fires
+    ``every_secs`` after the last trigger, not after the clock catches up again, and
+    ``elapsed_secs`` is never negative. A clock that jumps forwards fires once, and the next
+    interval counts from that trigger.
     """
 
     def __init__(self, every_secs: float | None = None, every_steps: int | None = None) -> None:
@@ -37,6 +44,18 @@ class SecondOrStepTimer:
         """Forget the last trigger: the next check fires."""
         self._last_triggered_step: int | None = None
         self._last_triggered_time: float | None = None
+        # The latest clock reading, to see the clock go backwards; never below the reference.
+        self._last_seen_time: float | None = None
+
+    def _now(self) -> float:
+        """``time.time()``, moving the reference back by any backwards step since the last read."""
+        now = time.time()
+        last_seen = self._last_seen_time
+        if last_seen is not None and now < last_seen and self._last_triggered_time is not None:
+            # The time that passed before the step still counts; the step itself does not.
+            self._last_triggered_time -= last_seen - now
+        self._last_seen_time = now
+        return now
 
     def should_trigger_for_step(self, step: int) -> bool:
         """Whether ``step`` should fire, given the last trigger."""
@@ -44,9 +63,12 @@ class SecondOrStepTimer:
             return True
         if self._last_triggered_step == step:
             return False
+        # Read for a steps-only timer too, so a backwards step between triggers is seen and
+        # elapsed_secs stays right for StepCounterHook's rate.
+        now = self._now()
         if self._every_secs is not None:
             assert self._last_triggered_time is not None
-            if time.time() >= self._last_triggered_time + self._every_secs:
+            if now >= self._last_triggered_time + self._every_secs:
                 return True
         if self._every_steps is not None:
             return step >= self._last_triggered_step + self._every_steps
@@ -56,13 +78,16 @@ class SecondOrStepTimer:
         """Record a trigger at ``step``; return the seconds and steps since the previous one.
 
         Both are ``None`` on the first trigger. It does not check ``should_trigger_for_step``.
+        ``elapsed_secs`` leaves out a backwards step of the clock, so it is never negative; the
+        steps are not clamped (TensorFlow's rule).
         """
-        current_time = time.time()
+        current_time = self._now()
         if self._last_triggered_time is None or self._last_triggered_step is None:
             elapsed_secs: float | None = None
             elapsed_steps: int | None = None
         else:
-            elapsed_secs = current_time - self._last_triggered_time
+            # max(): rounding in the rebase must not make a float -1e-12.
+            elapsed_secs = max(0.0, current_time - self._last_triggered_time)
             elapsed_steps = step - self._last_triggered_step
         self._last_triggered_time = current_time
         self._last_triggered_step = step

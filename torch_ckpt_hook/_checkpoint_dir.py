@@ -1,0 +1,116 @@
+"""A checkpoint directory as a new session sees it: its candidates, and which one it restores.
+
+One policy, used by session creation and by ``torch-ckpt ls`` / ``inspect`` alike: try the
+candidates newest first; pass over one that is damaged or not a regular file (it cannot hold a
+usable state); stop at one that is intact but unloadable, or unreadable (it may hold the newest
+state, and falling back past it would silently roll the run back); restore the first good one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Iterable, Mapping
+
+from ._checkpoint_file import CheckpointProblem, check_checkpoint
+from ._fsutil import path_key
+from ._integrity import ProblemKind
+from ._state_file import STATE_FILENAME, find_checkpoints, get_checkpoint_state
+
+# What restore does with a candidate that has a problem of each kind: pass over it to the next
+# older one (these), or stop there (the others).
+SKIPPED_KINDS: frozenset[ProblemKind] = frozenset({"corrupted", "not_a_file"})
+
+
+@dataclasses.dataclass(frozen=True)
+class RestoreChoice:
+    """What a new session on a directory restores, and what it passes over or stops at."""
+
+    path: str | None
+    """The checkpoint restored; None when nothing is (``blocked_by`` says when that is why)."""
+    skipped: tuple[tuple[str, CheckpointProblem], ...]
+    """The candidates passed over before it, newest first: corrupted, or not a regular file."""
+    blocked_by: tuple[str, CheckpointProblem] | None
+    """The unloadable or unreadable candidate restore stopped at: the session refuses to start."""
+
+    @property
+    def refused(self) -> bool:
+        """Whether a session refuses to start: checkpoints are there, none can be restored."""
+        return self.path is None and bool(self.skipped or self.blocked_by)
+
+
+def restore_candidates(checkpoint_dir: str, latest_filename: str | None = None) -> list[str]:
+    """The checkpoints of a directory, newest first: the state file's list, then any others.
+
+    The others (committed checkpoint files on disk that the state file does not list) count for
+    the default state file only: another series' state file (``best_checkpoint``) names its own.
+    """
+    ordered: list[str] = []
+    state = get_checkpoint_state(checkpoint_dir, latest_filename)
+    if state is not None:
+        listed = [*state.all_model_checkpoint_paths]
+        if state.model_checkpoint_path in listed:
+            listed.remove(state.model_checkpoint_path)
+        ordered = [state.model_checkpoint_path, *reversed(listed)]
+    if latest_filename not in (None, "", STATE_FILENAME):
+        return ordered
+    seen = {os.path.realpath(p) for p in ordered}
+    for _step, path in reversed(find_checkpoints(checkpoint_dir)):
+        if os.path.realpath(path) not in seen:
+            ordered.append(path)
+    return ordered
+
+
+def choose_restore(
+    candidates: Iterable[str], examine: Callable[[str], CheckpointProblem | None]
+) -> RestoreChoice:
+    """Apply the restore policy to ``candidates`` (newest first).
+
+    ``examine(path)`` returns the candidate's problem, or None when it is good: a check for
+    ``torch-ckpt ls``, the restore itself for session creation (which then stops at the first
+    candidate that restored).
+    """
+    skipped: list[tuple[str, CheckpointProblem]] = []
+    for path in candidates:
+        problem = examine(path)
+        if problem is None:
+            return RestoreChoice(path, tuple(skipped), None)
+        if problem.kind not in SKIPPED_KINDS:
+            return RestoreChoice(None, tuple(skipped), (path, problem))
+        skipped.append((path, problem))
+    return RestoreChoice(None, tuple(skipped), None)
+
+
+def restore_choice(
+    directory: str,
+    problems: Mapping[str, CheckpointProblem | None] | None = None,
+    latest_filename: str | None = None,
+) -> RestoreChoice:
+    """The checkpoint a new session on ``directory`` restores, by checksum, without loading.
+
+    ``problems`` maps ``path_key``s to verdicts already known, so no file is read twice. An
+    intact file whose contents cannot be loaded (a refused object) passes this check; the
+    session stops at it when it loads it.
+    """
+    known = problems if problems is not None else {}
+
+    def examine(path: str) -> CheckpointProblem | None:
+        key = path_key(path)
+        return known[key] if key in known else check_checkpoint(path)
+
+    return choose_restore(restore_candidates(directory, latest_filename), examine)
+
+
+def restorable_checkpoint(
+    checkpoint_dir: str | os.PathLike[str], latest_filename: str | None = None
+) -> str | None:
+    """The checkpoint a new session on ``checkpoint_dir`` would restore, or None.
+
+    The newest candidate that verifies, passing over damaged ones. None when there is no
+    checkpoint, and also when a session would refuse to start (every checkpoint damaged, or the
+    newest undamaged one unloadable or unreadable): ``torch-ckpt ls`` says why.
+    """
+    directory = os.fspath(checkpoint_dir)
+    if not os.path.isdir(directory):
+        return None
+    return restore_choice(directory, latest_filename=latest_filename).path

@@ -1,0 +1,69 @@
+"""Which files a saver may delete: only checkpoints it can prove this package committed there.
+
+Retention deletes files, and a state file is just text anyone can write (a hostile or stale one,
+one copied from another run, one with TensorFlow's absolute paths). So before a path listed in
+it is adopted, and again right before it is deleted, it must be a checkpoint of this saver: a
+regular file (not a link, a directory or a device) directly inside the directory the saver
+writes to, named ``<prefix>-<step>`` with the saver's prefix, ending in this package's checksum
+trailer. Anything else is dropped from the list with a warning and left on disk.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+
+from ._integrity import TRAILER_SIZE
+from ._state_file import STATE_FILENAME
+
+_TRAILER_START = b"torch_ckpt_hook crc32="
+
+
+def inside(path: str, directory: str) -> bool:
+    """Whether ``path`` lies directly in ``directory`` (links in either resolved)."""
+    parent = os.path.dirname(os.path.abspath(path))
+    return os.path.realpath(parent) == os.path.realpath(directory)
+
+
+def why_not_deletable(path: str, directory: str, prefix: str | None) -> str | None:
+    """Why ``path`` must not be deleted by a saver of ``prefix`` in ``directory``, or None.
+
+    ``prefix`` is the base name checkpoints are numbered after (``model.ckpt``); ``None`` skips
+    the name test, for a file this saver committed itself under a name of its caller's choosing.
+    """
+    if not inside(path, directory):
+        return f"it is outside the checkpoint directory {directory}"
+    name = os.path.basename(path)
+    if name == STATE_FILENAME:
+        return "it is the checkpoint state file"
+    if prefix is not None and re.fullmatch(re.escape(prefix) + r"-[0-9]+", name) is None:
+        return f"its name is not {prefix}-<step>"
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return "it does not exist"
+    except OSError as err:
+        return f"it cannot be examined ({err.strerror or err})"
+    if not stat.S_ISREG(mode):
+        return "it is not a regular file (a link, a directory or a device)"
+    if not _has_trailer(path):
+        return "it does not end in torch_ckpt_hook's checksum trailer"
+    return None
+
+
+def _has_trailer(path: str) -> bool:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
+    except OSError:
+        return False
+    try:
+        size = os.fstat(fd).st_size
+        if size < TRAILER_SIZE:
+            return False
+        os.lseek(fd, size - TRAILER_SIZE, os.SEEK_SET)
+        return os.read(fd, TRAILER_SIZE).startswith(_TRAILER_START)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
