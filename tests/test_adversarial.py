@@ -32,6 +32,7 @@ from torch_ckpt_hook import (
     Saver,
     Scaffold,
     Session,
+    SessionRunHook,
     SingularMonitoredSession,
     get_checkpoint_state,
     latest_checkpoint,
@@ -616,3 +617,21 @@ def test_restorable_checkpoint_is_what_a_new_session_restores(tmp_path: Path) ->
     assert restorable_checkpoint(tmp_path) is None, "a session refuses: the newest is legacy"
     with pytest.raises(CheckpointUnloadableError):
         MonitoredSession(torch.nn.Linear(3, 1), checkpoint_dir=str(tmp_path))
+
+
+class _FailsAfterCreation(SessionRunHook):
+    def after_create_session(self, session: Session, coord: Any) -> None:
+        raise RuntimeError("this hook fails at session creation")
+
+
+def test_a_runner_that_fails_at_creation_still_commits_its_creation_save(tmp_path: Path) -> None:
+    model, optimizer = _model_and_optimizer()
+    hooks = [CheckpointSaverHook(str(tmp_path), save_steps=1), _FailsAfterCreation()]
+
+    with pytest.raises(RuntimeError, match=r"fails at session creation"):
+        MonitoredSession(model, optimizer, hooks=hooks)
+
+    writers = [t for t in threading.enumerate() if t.name.startswith("torch_ckpt_hook-writer")]
+    assert [] == writers, "the creation save was drained before the error propagated"
+    assert str(tmp_path / "model.ckpt-0") == latest_checkpoint(str(tmp_path))
+    assert 0 == load_checkpoint(tmp_path / "model.ckpt-0")["global_step"]
