@@ -1,7 +1,8 @@
 """Asynchronous saves: staged snapshots, one background writer, failures, draining, memory.
 
-A gate in front of the file write holds the writer thread where a test needs it, so the tests
-see "the save is staged but not yet written" deterministically, without timing assumptions.
+A gated storage holds the writer thread at the file write where a test needs it, so the tests
+see "the save is staged but not yet written" deterministically, without timing assumptions;
+failing storages stand in for a full or broken disk.
 """
 
 from __future__ import annotations
@@ -18,63 +19,29 @@ from typing import Any
 import pytest
 import torch
 from conftest import make_train_step
+from storages import DiskFullStorage, FailingStorage, GatedStorage
 
-import torch_ckpt_hook._saver as saver_module
 from torch_ckpt_hook import (
     CheckpointSaveError,
     CheckpointSaverHook,
     CheckpointSaverListener,
     MonitoredTrainingSession,
     Saver,
+    Scaffold,
     Session,
     get_checkpoint_state,
     load_checkpoint,
     verify_checkpoint,
 )
 from torch_ckpt_hook._fsutil import is_temp_file
-
-
-class WriteGate:
-    """Holds every write until ``open()``; counts writes and how many ran at once."""
-
-    def __init__(self, write: Any) -> None:
-        self._write = write
-        self._open = threading.Event()
-        self._lock = threading.Lock()
-        self.waiting = threading.Event()
-        self.running = 0
-        self.max_running = 0
-        self.writes: list[str] = []
-        # Which writes the gate holds (the others pass straight through).
-        self.holds = lambda path: True
-
-    def open(self) -> None:
-        self._open.set()
-
-    def __call__(self, path: Any, payload: Any) -> None:
-        if not self.holds(os.fspath(path)):
-            self._write(path, payload)
-            self.writes.append(os.fspath(path))
-            return
-        with self._lock:
-            self.running += 1
-            self.max_running = max(self.max_running, self.running)
-        try:
-            self.waiting.set()
-            assert self._open.wait(30), "the test never opened the gate"
-            self._write(path, payload)
-            self.writes.append(os.fspath(path))
-        finally:
-            with self._lock:
-                self.running -= 1
+from torch_ckpt_hook._storage import LocalStorage
 
 
 @pytest.fixture
-def gate(monkeypatch: pytest.MonkeyPatch) -> Iterator[WriteGate]:
-    gate = WriteGate(saver_module.write_checkpoint)
-    monkeypatch.setattr(saver_module, "write_checkpoint", gate)
-    yield gate
-    gate.open()  # never leave a writer thread parked
+def gate() -> Iterator[GatedStorage]:
+    """A disk that holds every write (``gate.holds`` says which) until ``gate.open()``."""
+    with GatedStorage() as storage:  # its exit opens it: never leave a writer thread parked
+        yield storage
 
 
 def _writer_threads() -> list[threading.Thread]:
@@ -122,7 +89,7 @@ def test_the_file_holds_the_state_at_the_call_whatever_training_does_next(tmp_pa
     session = Session(model, optimizer)
     before = _clone_state(session)
 
-    handle = Saver().save(session, str(tmp_path / "model.ckpt"), 1, blocking=False)
+    handle = Saver(storage=gate).save(session, str(tmp_path / "model.ckpt"), 1, blocking=False)
     # Everything a training loop can touch, changed in place while the write is held back.
     with torch.no_grad():
         for tensor in model.state_dict().values():
@@ -143,7 +110,7 @@ def test_the_file_holds_the_state_at_the_call_whatever_training_does_next(tmp_pa
 
 def test_a_save_returns_once_staged_and_the_handle_reports_when_durable(tmp_path, gate) -> None:  # type: ignore[no-untyped-def]
     session = Session(torch.nn.Linear(2, 2))
-    handle = Saver().save(session, str(tmp_path / "model.ckpt"), 3, blocking=False)
+    handle = Saver(storage=gate).save(session, str(tmp_path / "model.ckpt"), 3, blocking=False)
     assert gate.waiting.wait(30)
     assert not handle.done()
     assert get_checkpoint_state(str(tmp_path)) is None
@@ -161,7 +128,7 @@ class OpenGateOnWarning(logging.Handler):
     """Opens the gate when the package warns that a save waits: the training thread is then
     about to block on the first save, and only this release lets it go on."""
 
-    def __init__(self, gate: WriteGate) -> None:
+    def __init__(self, gate: GatedStorage) -> None:
         super().__init__(logging.WARNING)
         self.gate = gate
         self.messages: list[str] = []
@@ -172,7 +139,7 @@ class OpenGateOnWarning(logging.Handler):
 
 
 @pytest.fixture
-def opener(gate: WriteGate) -> Iterator[OpenGateOnWarning]:
+def opener(gate: GatedStorage) -> Iterator[OpenGateOnWarning]:
     handler = OpenGateOnWarning(gate)
     logging.getLogger("torch_ckpt_hook").addHandler(handler)
     yield handler
@@ -180,12 +147,16 @@ def opener(gate: WriteGate) -> Iterator[OpenGateOnWarning]:
 
 
 def test_a_slow_writer_lets_training_go_on_and_the_next_trigger_waits_with_a_warning(
-    tmp_path: pathlib.Path, gate: WriteGate, opener: OpenGateOnWarning
+    tmp_path: pathlib.Path, gate: GatedStorage, opener: OpenGateOnWarning
 ) -> None:
     model, optimizer = _bn_model_and_adamw()
     step = make_train_step(model, optimizer)
     with MonitoredTrainingSession(
-        model, optimizer, checkpoint_dir=str(tmp_path), save_checkpoint_steps=2
+        model,
+        optimizer,
+        scaffold=Scaffold(saver=Saver(storage=gate)),
+        checkpoint_dir=str(tmp_path),
+        save_checkpoint_steps=2,
     ) as sess:
         assert gate.waiting.wait(30)  # the save made at creation is held by the gate
         sess.run(step)
@@ -201,41 +172,17 @@ def test_a_slow_writer_lets_training_go_on_and_the_next_trigger_waits_with_a_war
 
 
 def test_an_enospc_partway_surfaces_at_the_next_hook_call_and_loses_nothing(
-    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: pathlib.Path,
 ) -> None:
     model, optimizer = _bn_model_and_adamw()
     step = make_train_step(model, optimizer)
-    real_write = saver_module.write_checkpoint
-    failing = threading.Event()
-
-    class DiskFull:
-        def __init__(self, file: Any) -> None:
-            self.file, self.written = file, 0
-
-        def write(self, data: Any) -> int:
-            if self.written > 200:
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-            self.written += len(data)
-            return int(self.file.write(data))
-
-        def flush(self) -> None:
-            self.file.flush()
-
-    def write(path: Any, payload: Any) -> None:
-        if not failing.is_set():
-            return real_write(path, payload)
-        failing.clear()  # one failed save; the ones after it find space again
-        from torch_ckpt_hook._fsutil import atomic_write
-        from torch_ckpt_hook._integrity import save_with_checksum
-
-        atomic_write(path, lambda f: save_with_checksum(payload, DiskFull(f)))  # type: ignore[arg-type]
-
-    monkeypatch.setattr(saver_module, "write_checkpoint", write)
-    hook = CheckpointSaverHook(str(tmp_path), save_steps=1)
+    # Armed, the next write runs out of space 200 bytes in; the ones after it find space again.
+    disk = DiskFullStorage(room=200, once=True, armed=False)
+    hook = CheckpointSaverHook(str(tmp_path), save_steps=1, saver=Saver(storage=disk))
     with MonitoredTrainingSession(model, optimizer, hooks=[hook]) as sess:
         sess.run(step)
         hook.wait_until_finished()
-        failing.set()
+        disk.arm()
         # The save of step 2 fails on the writer thread: the error surfaces in this run's
         # after_run when the writer is quick, else at the next hook call.
         with pytest.raises(CheckpointSaveError, match=r"model\.ckpt-2 failed: OSError") as info:  # noqa: PT012
@@ -252,18 +199,16 @@ def test_an_enospc_partway_surfaces_at_the_next_hook_call_and_loses_nothing(
     assert {"model.ckpt-0", "model.ckpt-1"} <= set(names)
     for path in state.all_model_checkpoint_paths:
         assert verify_checkpoint(path) is None, path
+    assert [str(tmp_path / "model.ckpt-2")] == disk.failed, "the write failed partway"
+    assert [200] == disk.bytes_written_before_failure
     assert not (tmp_path / "model.ckpt-2").exists()
     assert [] == [p for p in os.listdir(tmp_path) if is_temp_file(p)]
 
 
 def test_a_failure_is_raised_once_by_wait_until_finished_and_always_by_its_handle(
-    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: pathlib.Path,
 ) -> None:
-    def fail(path: Any, payload: Any) -> None:
-        raise OSError(errno.EIO, "I/O error")
-
-    monkeypatch.setattr(saver_module, "write_checkpoint", fail)
-    saver = Saver()
+    saver = Saver(storage=FailingStorage(OSError(errno.EIO, "I/O error")))
     handle = saver.save(Session(torch.nn.Linear(1, 1)), str(tmp_path / "m"), 1, blocking=False)
     with pytest.raises(CheckpointSaveError, match=r"Saving .*m-1 failed: OSError") as info:
         saver.wait_until_finished()
@@ -276,7 +221,7 @@ def test_a_failure_is_raised_once_by_wait_until_finished_and_always_by_its_handl
 
 
 def test_an_exception_exit_still_commits_the_staged_save_and_leaves_no_thread(
-    tmp_path: pathlib.Path, gate: WriteGate
+    tmp_path: pathlib.Path, gate: GatedStorage
 ) -> None:
     model, optimizer = _bn_model_and_adamw()
     step = make_train_step(model, optimizer)
@@ -284,7 +229,11 @@ def test_an_exception_exit_still_commits_the_staged_save_and_leaves_no_thread(
     with (  # noqa: PT012
         pytest.raises(KeyError, match="boom"),
         MonitoredTrainingSession(
-            model, optimizer, checkpoint_dir=str(tmp_path), save_checkpoint_steps=1
+            model,
+            optimizer,
+            scaffold=Scaffold(saver=Saver(storage=gate)),
+            checkpoint_dir=str(tmp_path),
+            save_checkpoint_steps=1,
         ) as sess,
     ):
         sess.run(step)
@@ -301,10 +250,12 @@ def test_an_exception_exit_still_commits_the_staged_save_and_leaves_no_thread(
 
 
 def test_close_gives_up_after_the_drain_timeout_with_a_clear_error(
-    tmp_path: pathlib.Path, gate: WriteGate
+    tmp_path: pathlib.Path, gate: GatedStorage
 ) -> None:
     model = torch.nn.Linear(1, 1)
-    hook = CheckpointSaverHook(str(tmp_path), save_steps=100, saver=Saver(drain_timeout_secs=0.05))
+    hook = CheckpointSaverHook(
+        str(tmp_path), save_steps=100, saver=Saver(drain_timeout_secs=0.05, storage=gate)
+    )
     with (
         pytest.raises(CheckpointSaveError, match=r"did not finish within 0\.05 s"),
         MonitoredTrainingSession(model, hooks=[hook]),
@@ -345,7 +296,7 @@ class TimingListener(CheckpointSaverListener):
 
 
 def test_listeners_run_on_the_training_thread_before_staging_and_after_durable(
-    tmp_path: pathlib.Path, gate: WriteGate
+    tmp_path: pathlib.Path, gate: GatedStorage
 ) -> None:
     model = torch.nn.Linear(3, 1)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
@@ -353,7 +304,9 @@ def test_listeners_run_on_the_training_thread_before_staging_and_after_durable(
     log: list[tuple[str, int, bool]] = []
     listener = TimingListener(model, log)
     listener.stop_after = 1
-    hook = CheckpointSaverHook(str(tmp_path), save_steps=1, listeners=[listener])
+    hook = CheckpointSaverHook(
+        str(tmp_path), save_steps=1, saver=Saver(storage=gate), listeners=[listener]
+    )
     with MonitoredTrainingSession(model, optimizer, hooks=[hook]) as sess:
         assert [("before_save", 0, True)] == log, "after_save waits for the file"
         gate.open()
@@ -404,17 +357,13 @@ def test_fifty_saves_keep_resident_memory_flat(tmp_path: pathlib.Path) -> None:
     assert saver._staging.nbytes <= payload_bytes + 65536  # + step counters and RNG states
 
 
-def test_a_failure_seen_by_the_hook_is_not_raised_again_at_close(
-    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    def fail(path: Any, payload: Any) -> None:
-        raise OSError(errno.EIO, "I/O error")
-
+def test_a_failure_seen_by_the_hook_is_not_raised_again_at_close(tmp_path: pathlib.Path) -> None:
     model = torch.nn.Linear(3, 1)
-    hook = CheckpointSaverHook(str(tmp_path), save_steps=100)
+    # The save made at creation (step 0) is written; the one of step 1 fails.
+    disk = FailingStorage(OSError(errno.EIO, "I/O error"), steps={1})
+    hook = CheckpointSaverHook(str(tmp_path), save_steps=100, saver=Saver(storage=disk))
     sess = MonitoredTrainingSession(model, hooks=[hook])
     hook.wait_until_finished()  # the save made at creation is durable
-    monkeypatch.setattr(saver_module, "write_checkpoint", fail)
     sess.run(lambda: None)
     with pytest.raises(CheckpointSaveError, match=r"model\.ckpt-1 failed"):
         sess.close()  # end() saves step 1, which fails: raised by end(), not again by the drain
@@ -454,9 +403,10 @@ def test_on_cuda_the_file_holds_the_state_at_the_call_while_training_goes_on(
 
 
 def test_a_checkpoints_age_counts_from_the_save_call_not_from_its_commit(
-    tmp_path: pathlib.Path, gate: WriteGate, clock: Any
+    tmp_path: pathlib.Path, gate: GatedStorage, clock: Any
 ) -> None:
-    saver = Saver(max_to_keep=1, keep_checkpoint_every_n_hours=1)  # keeps one older than 1 h
+    # Keeps one older than 1 h.
+    saver = Saver(max_to_keep=1, keep_checkpoint_every_n_hours=1, storage=gate)
     session = Session(torch.nn.Linear(1, 1))
     clock.advance(1800)
     first = saver.save(session, str(tmp_path / "model.ckpt"), 1, blocking=False)
@@ -469,19 +419,26 @@ def test_a_checkpoints_age_counts_from_the_save_call_not_from_its_commit(
     assert not (tmp_path / "model.ckpt-1").exists()
 
 
+class PriorityRecordingStorage(LocalStorage):
+    """Records the CPU priority (nice value) of the thread each write runs on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.priorities: list[int] = []
+
+    def write(self, path: str, payload: Any) -> None:
+        self.priorities.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+        super().write(path, payload)
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice is Linux's")
 def test_the_writer_thread_runs_at_a_lower_cpu_priority_than_training(
-    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: pathlib.Path,
 ) -> None:
-    seen: list[int] = []
-
-    def write(path: Any, payload: Any) -> None:
-        seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
-
-    monkeypatch.setattr(saver_module, "write_checkpoint", write)
-    Saver().save(Session(torch.nn.Linear(1, 1)), str(tmp_path / "m"), 1)
+    disk = PriorityRecordingStorage()
+    Saver(storage=disk).save(Session(torch.nn.Linear(1, 1)), str(tmp_path / "m"), 1)
     training = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-    assert [min(19, training + 10)] == seen
+    assert [min(19, training + 10)] == disk.priorities
 
 
 class OrderListener(CheckpointSaverListener):
@@ -499,13 +456,13 @@ class OrderListener(CheckpointSaverListener):
 
 
 def test_with_a_slow_writer_listener_calls_stay_paired_and_see_their_checkpoint(
-    tmp_path: pathlib.Path, opener: OpenGateOnWarning
+    tmp_path: pathlib.Path, gate: GatedStorage, opener: OpenGateOnWarning
 ) -> None:
     model, optimizer = _bn_model_and_adamw()
     step = make_train_step(model, optimizer)
     listener = OrderListener(tmp_path)
     hook = CheckpointSaverHook(
-        str(tmp_path), save_steps=1, saver=Saver(max_to_keep=1), listeners=[listener]
+        str(tmp_path), save_steps=1, saver=Saver(max_to_keep=1, storage=gate), listeners=[listener]
     )
     with MonitoredTrainingSession(model, optimizer, hooks=[hook]) as sess:
         sess.run(step)  # triggers while the save of step 0 is held: waits, then pairs

@@ -97,12 +97,12 @@ def test_stop_at_step_requires_exactly_one_of_num_steps_and_last_step() -> None:
         (
             {"num_steps": 2.5},
             TypeError,
-            r"^num_steps must be a non-negative int, got 2\.5 of type float$",
+            r"^num_steps must be a non-negative int, got 2\.5 \(a float\)$",
         ),
         (
             {"last_step": True},
             TypeError,
-            r"^last_step must be a non-negative int, got True of type bool$",
+            r"^last_step must be a non-negative int, got True \(a bool\)$",
         ),
     ],
 )
@@ -254,7 +254,7 @@ def test_step_counter_requires_exactly_one_interval() -> None:
         (
             {"every_n_steps": 2.5},
             TypeError,
-            r"^every_n_steps must be a non-negative int, got 2\.5 of type float$",
+            r"^every_n_steps must be a non-negative int, got 2\.5 \(a float\)$",
         ),
         (
             {"every_n_steps": None, "every_n_secs": -0.5},
@@ -264,12 +264,12 @@ def test_step_counter_requires_exactly_one_interval() -> None:
         (
             {"every_n_steps": None, "every_n_secs": "10"},
             TypeError,
-            r"^every_n_secs must be a non-negative number, got '10' of type str$",
+            r"^every_n_secs must be a non-negative number, got '10' \(a str\)$",
         ),
         (
             {"output_dir": 3},
             TypeError,
-            r"^output_dir must be a path \(str or os\.PathLike\) or None, got 3 of type int$",
+            r"^output_dir must be a path \(str or os\.PathLike\) or None, got 3 \(an int\)$",
         ),
     ],
 )
@@ -441,18 +441,18 @@ def forty_two() -> dict[str, torch.Tensor]:
         (
             {"every_n_iter": 2.0},
             TypeError,
-            r"^every_n_iter must be a positive int, got 2\.0 of type float$",
+            r"^every_n_iter must be a positive int, got 2\.0 \(a float\)$",
         ),
         (
             {"every_n_secs": -1.0},
             ValueError,
             r"^every_n_secs must be a non-negative number, got -1\.0$",
         ),
-        ({"at_end": 1}, TypeError, r"^at_end must be a bool, got 1 of type int$"),
+        ({"at_end": 1}, TypeError, r"^at_end must be a bool, got 1 \(an int\)$"),
         (
             {"at_end": True, "formatter": "{}"},
             TypeError,
-            r"^formatter must be a callable or None, got '\{\}' of type str$",
+            r"^formatter must be a callable or None, got '\{\}' \(a str\)$",
         ),
     ],
 )
@@ -468,9 +468,9 @@ def test_logging_tensor_hook_rejects_bad_arguments(
     [
         ([], ValueError, r"^tensors must name at least one value to log, got \[\]$"),
         ({1: "loss"}, TypeError, r"^tensors keys are the logged tags and must be str, got 1 "),
-        ([3], TypeError, r"^tensors\['3'\] must be a str .* got 3 of type int$"),
+        ([3], TypeError, r"^tensors\['3'\] must be a str .* got 3 \(an int\)$"),
         ({"loss": ["a", "b"]}, TypeError, r"^tensors\['loss'\] must be a str "),
-        (7, TypeError, r"^tensors must be a dict of tag -> fetch, .* got 7 of type int$"),
+        (7, TypeError, r"^tensors must be a dict of tag -> fetch, .* got 7 \(an int\)$"),
         (
             [lambda v: v, lambda v: v],
             ValueError,
@@ -696,10 +696,10 @@ def test_nan_tensor_hook_finds_nan(session: Session, loss_tensor: Any, result: A
     ("kwargs", "message"),
     [
         ({"loss_tensor": None}, r"^loss_tensor must be a str .* got None$"),
-        ({"loss_tensor": 3}, r"^loss_tensor must be a str key, .* got 3 of type int$"),
+        ({"loss_tensor": 3}, r"^loss_tensor must be a str key, .* got 3 \(an int\)$"),
         (
             {"loss_tensor": "loss", "fail_on_nan_loss": "yes"},
-            r"^fail_on_nan_loss must be a bool, got 'yes' of type str$",
+            r"^fail_on_nan_loss must be a bool, got 'yes' \(a str\)$",
         ),
     ],
 )
@@ -710,5 +710,5 @@ def test_nan_tensor_hook_rejects_bad_arguments(kwargs: dict[str, Any], message: 
 
 def test_nan_tensor_hook_rejects_a_loss_it_cannot_check(session: Session) -> None:
     hook = NanTensorHook("loss")
-    with pytest.raises(TypeError, match=r"got 'abc' of type str$"):
+    with pytest.raises(TypeError, match=r"got 'abc' \(a str\)$"):
         HookedSession(session, [hook]).run(lambda: {"loss": "abc"})

@@ -15,12 +15,23 @@ import os
 import pathlib
 import re
 import tempfile
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 import torch
 from conftest import FakeClock, make_train_step
+from storages import (
+    GatedStorage,
+    GateOpeningSaver,
+    HeldRenameFailingStorage,
+    HungStorage,
+    RenameFailingStorage,
+    SlowStorage,
+    WaitRecordingSaver,
+    at_steps,
+)
 
 from torch_ckpt_hook import (
     CheckpointSaveError,
@@ -40,8 +51,11 @@ from torch_ckpt_hook import (
     load_checkpoint,
 )
 from torch_ckpt_hook._coordinator import Coordinator
+from torch_ckpt_hook._validation import repr_with_type
 
 HOOK_LOGGER = "torch_ckpt_hook._checkpoint_hook"
+# TensorFlow's own lines ("Calling checkpoint listeners ...") have a child logger of their own.
+TF_LOGGER = f"{HOOK_LOGGER}.tensorflow"
 LISTENER_LOGGER = "tests.listener"
 CHECKPOINT_NAME = re.compile(r"model\.ckpt-(\d+)")
 
@@ -143,56 +157,18 @@ class HookedSession:
         return saved_steps(directory)
 
 
-class DeferredHandle:
-    """A save the disk has not finished yet: ``done()`` is false until released."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self.released = False
-
-    def done(self) -> bool:
-        return self.released
-
-    def wait(self, timeout: float | None = None) -> None:
-        self.released = True
-
-    def result(self) -> str:
-        self.released = True
-        return self.path
-
-    def release(self) -> None:
-        self.released = True
+@pytest.fixture
+def deferred_saver() -> Iterator[GateOpeningSaver]:
+    """A slow disk as the hook sees it: each save stays in flight until the training thread
+    waits for it (a trigger, ``end()``, ``wait_until_finished()``), or the test ends."""
+    with GatedStorage() as gate:
+        yield GateOpeningSaver(gate, max_to_keep=None)
 
 
-class DeferredSaver(Saver):
-    """A slow disk as the hook sees it: each save stays in flight until released or waited on."""
-
-    def __init__(self) -> None:
-        super().__init__(max_to_keep=None)
-        self.handles: list[DeferredHandle] = []
-
-    def save(
-        self,
-        session: Session,
-        save_path: str,
-        global_step: int | None = None,
-        *,
-        blocking: bool = True,
-    ) -> Any:
-        path = super().save(session, save_path, global_step, blocking=True)
-        if blocking:
-            return path
-        handle = DeferredHandle(path)
-        self.handles.append(handle)
-        return handle
-
-    def release_all(self) -> None:
-        for handle in self.handles:
-            handle.release()
-
-    def wait_until_finished(self, timeout: float | None = None) -> None:
-        self.release_all()
-        super().wait_until_finished(timeout)
+def writer_threads(directory: pathlib.Path) -> list[threading.Thread]:
+    """The writer threads still running for saves into ``directory``."""
+    prefix = f"torch_ckpt_hook-writer:{directory}"
+    return [t for t in threading.enumerate() if t.name.startswith(prefix)]
 
 
 class ListenerBug(Exception):
@@ -245,89 +221,23 @@ class RaisingListener(MockListener):
         self._maybe_raise("end", global_step_value)
 
 
-class HeldHandle(DeferredHandle):
-    """A save that finished, but says so only once waited on: the loop moved on before it did."""
-
-    def __init__(self, handle: Any) -> None:
-        super().__init__(handle.path)
-        self._handle = handle
-
-    def result(self) -> str:
-        super().result()
-        return str(self._handle.result())
-
-
-class FlakySaver(Saver):
+def flaky_saver(fail_steps: set[int]) -> Saver:
     """The write of each step in ``fail_steps`` fails once, on the writer thread.
 
     While that write runs, a directory stands where the checkpoint goes, so its final rename
-    fails as a full disk would fail it, and nothing is committed. With ``hold``, the failed save
-    reports itself only when the hook waits for it.
+    fails as a full disk would fail it, and nothing is committed.
     """
-
-    def __init__(self, fail_steps: set[int], *, hold: bool = False) -> None:
-        super().__init__(max_to_keep=None)
-        self.fail_steps = set(fail_steps)
-        self.hold = hold
-
-    def save(
-        self,
-        session: Session,
-        save_path: str,
-        global_step: int | None = None,
-        *,
-        blocking: bool = True,
-    ) -> Any:
-        if global_step not in self.fail_steps:
-            return super().save(session, save_path, global_step, blocking=blocking)
-        self.fail_steps.discard(global_step)
-        in_the_way = f"{save_path}-{global_step}"
-        os.mkdir(in_the_way)
-        try:
-            handle = super().save(session, save_path, global_step, blocking=False)
-            handle.wait()
-        finally:
-            os.rmdir(in_the_way)
-        if blocking:
-            return handle.result()
-        return HeldHandle(handle) if self.hold else handle
+    return Saver(max_to_keep=None, storage=RenameFailingStorage(steps=fail_steps, once=True))
 
 
-class HungHandle:
-    """A write that never finishes: every wait times out, as ``SaveHandle.wait`` does."""
+@pytest.fixture
+def held_flaky_saver() -> Iterator[GateOpeningSaver]:
+    """A ``flaky_saver({2})`` whose failing write waits until the training thread waits for it.
 
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self.waits = 0
-
-    def done(self) -> bool:
-        return False
-
-    def wait(self, timeout: float | None = None) -> None:
-        self.waits += 1
-        raise CheckpointSaveError(f"Saving {self.path} did not finish within {timeout:g} s")
-
-
-class HungSaver(Saver):
-    """Commits every save but the one of ``hung_step``, whose write hangs."""
-
-    def __init__(self, hung_step: int) -> None:
-        super().__init__(max_to_keep=None, drain_timeout_secs=30)
-        self.hung_step = hung_step
-        self.hung: HungHandle | None = None
-
-    def save(
-        self,
-        session: Session,
-        save_path: str,
-        global_step: int | None = None,
-        *,
-        blocking: bool = True,
-    ) -> Any:
-        if global_step != self.hung_step:
-            return super().save(session, save_path, global_step, blocking=blocking)
-        self.hung = HungHandle(f"{save_path}-{global_step}")
-        return self.hung
+    The failed save reports itself only then: the loop moved on before the disk gave up.
+    """
+    with HeldRenameFailingStorage(steps={2}, once=True) as disk:
+        yield GateOpeningSaver(disk, max_to_keep=None)
 
 
 def notes(err: BaseException) -> list[str]:
@@ -363,7 +273,7 @@ def saved_steps(directory: pathlib.Path) -> list[int]:
 
 
 def hook_messages(caplog: pytest.LogCaptureFixture) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.name == HOOK_LOGGER]
+    return [r.getMessage() for r in caplog.records if r.name in (HOOK_LOGGER, TF_LOGGER)]
 
 
 # -- TensorFlow's CheckpointSaverHookTest -------------------------------------------------------
@@ -704,19 +614,23 @@ def test_checkpoint_basename_must_be_a_plain_file_name(
 
 @pytest.mark.parametrize("async_save", ["yes", 1, None])
 def test_async_save_must_be_a_bool(tmp_path: pathlib.Path, async_save: Any) -> None:
-    with pytest.raises(TypeError, match=rf"^async_save must be a bool, got {async_save!r}$"):
+    given = re.escape(repr_with_type(async_save))
+    with pytest.raises(TypeError, match=rf"^async_save must be a bool, got {given}$"):
         CheckpointSaverHook(str(tmp_path), save_steps=1, async_save=async_save)
 
 
 def test_saver_and_scaffold_must_have_their_types(tmp_path: pathlib.Path) -> None:
-    with pytest.raises(TypeError, match=r"^saver must be a Saver or None, got str$"):
+    with pytest.raises(TypeError, match=r"^saver must be a Saver or None, got 'saver' \(a str\)$"):
         CheckpointSaverHook(str(tmp_path), save_steps=1, saver="saver")  # type: ignore[arg-type]
-    with pytest.raises(TypeError, match=r"^scaffold must be a Scaffold or None, got Saver$"):
+    with pytest.raises(
+        TypeError,
+        match=r"^scaffold must be a Scaffold or None, got <torch_ckpt_hook.*Saver object at .*> \(a Saver\)$",
+    ):
         CheckpointSaverHook(str(tmp_path), save_steps=1, scaffold=Saver())  # type: ignore[arg-type]
 
 
 def test_a_negative_save_steps_is_rejected_by_the_timer(tmp_path: pathlib.Path) -> None:
-    with pytest.raises(ValueError, match=r"^every_steps must be >= 0, got -3$"):
+    with pytest.raises(ValueError, match=r"^every_steps must be a non-negative number, got -3$"):
         CheckpointSaverHook(str(tmp_path), save_steps=-3)
 
 
@@ -1059,7 +973,11 @@ def test_listeners_and_log_lines_follow_tensorflows_order(
         "b.after_save 1",
         "a.end 1",
         "b.end 1",
-    ] == [r.getMessage() for r in caplog.records if r.name in (HOOK_LOGGER, LISTENER_LOGGER)]
+    ] == [
+        r.getMessage()
+        for r in caplog.records
+        if r.name in (HOOK_LOGGER, TF_LOGGER, LISTENER_LOGGER)
+    ]
 
 
 @pytest.mark.parametrize("runs", [1, 3])
@@ -1166,9 +1084,9 @@ def test_a_stop_asked_by_the_end_save_is_ignored(tmp_path: pathlib.Path) -> None
 
 
 def test_async_after_save_runs_at_the_first_hook_call_after_the_save_is_durable(
-    tmp_path: pathlib.Path,
+    tmp_path: pathlib.Path, deferred_saver: GateOpeningSaver
 ) -> None:
-    saver = DeferredSaver()
+    saver = deferred_saver
     listener = MockListener()
     hook = CheckpointSaverHook(str(tmp_path), save_steps=2, saver=saver, listeners=[listener])
     hook.begin()
@@ -1178,16 +1096,16 @@ def test_async_after_save_runs_at_the_first_hook_call_after_the_save_is_durable(
     assert [] == listener.after_save_steps
     sess.run()  # step 1: no trigger, and step 0 is still in flight
     assert [] == listener.after_save_steps
-    saver.release_all()
+    saver.wait_until_finished()  # the disk finishes step 0; no hook call has seen it yet
     sess.run()  # before_run sees step 0 durable; step 2 is staged
     assert [0] == listener.after_save_steps
     assert [0, 2] == listener.before_save_steps
 
 
 def test_a_trigger_while_a_save_is_in_flight_finishes_it_first_so_calls_stay_paired(
-    tmp_path: pathlib.Path,
+    tmp_path: pathlib.Path, deferred_saver: GateOpeningSaver
 ) -> None:
-    saver = DeferredSaver()
+    saver = deferred_saver
     listener = MockListener()
     hook = CheckpointSaverHook(str(tmp_path), save_steps=1, saver=saver, listeners=[listener])
     hook.begin()
@@ -1198,8 +1116,10 @@ def test_a_trigger_while_a_save_is_in_flight_finishes_it_first_so_calls_stay_pai
     assert [0, 1] == listener.before_save_steps
 
 
-def test_wait_until_finished_runs_pending_after_save_calls(tmp_path: pathlib.Path) -> None:
-    saver = DeferredSaver()
+def test_wait_until_finished_runs_pending_after_save_calls(
+    tmp_path: pathlib.Path, deferred_saver: GateOpeningSaver
+) -> None:
+    saver = deferred_saver
     listener = MockListener()
     hook = CheckpointSaverHook(str(tmp_path), save_steps=2, saver=saver, listeners=[listener])
     hook.begin()
@@ -1214,9 +1134,9 @@ def test_wait_until_finished_runs_pending_after_save_calls(tmp_path: pathlib.Pat
 
 
 def test_an_async_stop_request_outside_after_run_takes_effect_at_the_next_after_run(
-    tmp_path: pathlib.Path,
+    tmp_path: pathlib.Path, deferred_saver: GateOpeningSaver
 ) -> None:
-    saver = DeferredSaver()
+    saver = deferred_saver
     listener = MockListener()
     hook = CheckpointSaverHook(str(tmp_path), save_steps=2, saver=saver, listeners=[listener])
     hook.begin()
@@ -1231,9 +1151,11 @@ def test_an_async_stop_request_outside_after_run_takes_effect_at_the_next_after_
     assert sess.run().stop_requested  # step 3: no save, but the stop is requested
 
 
-def test_async_end_waits_for_every_save_before_listeners_end(tmp_path: pathlib.Path) -> None:
+def test_async_end_waits_for_every_save_before_listeners_end(
+    tmp_path: pathlib.Path, deferred_saver: GateOpeningSaver
+) -> None:
     events: list[str] = []
-    saver = DeferredSaver()
+    saver = deferred_saver
     listener = MockListener("l", events)
     hook = CheckpointSaverHook(str(tmp_path), save_steps=2, saver=saver, listeners=[listener])
     hook.begin()
@@ -1253,7 +1175,8 @@ def test_async_end_waits_for_every_save_before_listeners_end(tmp_path: pathlib.P
         "l.after_save 3",
         "l.end 3",
     ] == events
-    assert all(handle.done() for handle in saver.handles)
+    assert [str(tmp_path / f"model.ckpt-{n}") for n in (0, 2, 3)] == saver.gate.writes
+    assert [] == writer_threads(tmp_path), "every save finished"
 
 
 def test_a_synchronous_save_calls_after_save_before_the_hook_call_returns(
@@ -1270,15 +1193,22 @@ def test_a_synchronous_save_calls_after_save_before_the_hook_call_returns(
 
 
 def test_a_synchronous_save_waits_for_the_saver(tmp_path: pathlib.Path) -> None:
-    saver = DeferredSaver()
+    # The hook waits on the save's handle itself: a gate opened by the saver's waits would
+    # never open, so the disk is slow instead.
+    disk = SlowStorage(delay=0.2)
     listener = MockListener()
     hook = CheckpointSaverHook(
-        str(tmp_path), save_steps=1, saver=saver, listeners=[listener], async_save=False
+        str(tmp_path),
+        save_steps=1,
+        saver=Saver(max_to_keep=None, storage=disk),
+        listeners=[listener],
+        async_save=False,
     )
     hook.begin()
     sess = HookedSession(hook)
     sess.run()
-    assert all(handle.done() for handle in saver.handles)
+    assert [str(tmp_path / "model.ckpt-1")] == disk.writes, "the write finished within run()"
+    assert [] == writer_threads(tmp_path), "and its save with it"
     assert [1] == listener.after_save_steps
 
 
@@ -1663,9 +1593,9 @@ def test_a_loop_that_catches_a_listener_error_trains_on_with_every_call_paired(
 
 @pytest.mark.parametrize("last_step_failed", [False, True])
 def test_end_saves_the_last_step_after_an_unreported_failure_then_raises_it_once(
-    tmp_path: pathlib.Path, last_step_failed: bool
+    tmp_path: pathlib.Path, last_step_failed: bool, held_flaky_saver: GateOpeningSaver
 ) -> None:
-    saver = FlakySaver({2}, hold=True)
+    saver = held_flaky_saver
     listener = MockListener()
     hook = CheckpointSaverHook(str(tmp_path), save_steps=2, saver=saver, listeners=[listener])
     hook.begin()
@@ -1698,7 +1628,7 @@ def test_end_saves_a_last_step_whose_failure_the_loop_caught_and_does_not_raise_
     hook = CheckpointSaverHook(
         str(tmp_path),
         save_steps=2,
-        saver=FlakySaver({2}),
+        saver=flaky_saver({2}),
         listeners=[listener],
         async_save=async_save,
     )
@@ -1706,8 +1636,11 @@ def test_end_saves_a_last_step_whose_failure_the_loop_caught_and_does_not_raise_
     sess = HookedSession(hook)
     sess.create()
     sess.run()
-    with pytest.raises(CheckpointSaveError, match=r"model\.ckpt-2 failed: "):
-        sess.run()  # step 2: the failure surfaces in this after_run
+    with pytest.raises(CheckpointSaveError, match=r"model\.ckpt-2 failed: "):  # noqa: PT012
+        # Step 2: the failure surfaces in this after_run (always when synchronous; when
+        # asynchronous, if the writer thread is quick), else at the next hook call.
+        sess.run()
+        hook.wait_until_finished()
     sess.end()  # saves step 2 again; the failure was reported already
     assert 2 == load_step(tmp_path)
     assert [0, 2] == saved_steps(tmp_path)
@@ -1717,9 +1650,9 @@ def test_end_saves_a_last_step_whose_failure_the_loop_caught_and_does_not_raise_
 
 
 def test_a_failure_caught_by_the_loop_does_not_cost_the_next_trigger_its_save(
-    tmp_path: pathlib.Path,
+    tmp_path: pathlib.Path, held_flaky_saver: GateOpeningSaver
 ) -> None:
-    hook = CheckpointSaverHook(str(tmp_path), save_steps=1, saver=FlakySaver({2}, hold=True))
+    hook = CheckpointSaverHook(str(tmp_path), save_steps=1, saver=held_flaky_saver)
     hook.begin()
     sess = HookedSession(hook)
     sess.create()
@@ -1732,12 +1665,12 @@ def test_a_failure_caught_by_the_loop_does_not_cost_the_next_trigger_its_save(
 
 
 def test_a_monitored_session_whose_background_save_failed_still_commits_the_final_checkpoint(
-    tmp_path: pathlib.Path,
+    tmp_path: pathlib.Path, held_flaky_saver: GateOpeningSaver
 ) -> None:
     model, optimizer = _model_and_optimizer()
     listener = MockListener()
     hook = CheckpointSaverHook(
-        str(tmp_path), save_steps=2, saver=FlakySaver({2}, hold=True), listeners=[listener]
+        str(tmp_path), save_steps=2, saver=held_flaky_saver, listeners=[listener]
     )
     with (  # noqa: PT012
         pytest.raises(CheckpointSaveError, match=r"model\.ckpt-2 failed: "),
@@ -1754,19 +1687,26 @@ def test_a_monitored_session_whose_background_save_failed_still_commits_the_fina
 def test_end_behind_a_hung_write_waits_for_it_once_and_still_ends_every_listener(
     tmp_path: pathlib.Path,
 ) -> None:
-    saver = HungSaver(hung_step=2)
     listener = MockListener()
-    hook = CheckpointSaverHook(str(tmp_path), save_steps=2, saver=saver, listeners=[listener])
-    hook.begin()
-    sess = HookedSession(hook)
-    sess.create()
-    sess.run()
-    sess.run()  # step 2: its write hangs
-    sess.run()  # step 3
-    with pytest.raises(CheckpointSaveError, match=r"model\.ckpt-2 did not finish within 30 s"):
-        sess.end()
-    assert saver.hung is not None
-    assert 1 == saver.hung.waits, "another save, or another wait, would only time out again"
+    with HungStorage(at_steps(2)) as hung:  # released on the way out, whatever happens
+        saver = WaitRecordingSaver(max_to_keep=None, drain_timeout_secs=0.5, storage=hung)
+        hook = CheckpointSaverHook(str(tmp_path), save_steps=2, saver=saver, listeners=[listener])
+        hook.begin()
+        sess = HookedSession(hook)
+        sess.create()
+        saver.wait_until_finished(30)  # step 0 is durable: only the hung write can time out
+        sess.run()
+        sess.run()  # step 2: its write hangs
+        sess.run()  # step 3
+        with pytest.raises(
+            CheckpointSaveError, match=r"model\.ckpt-2 did not finish within 0\.5 s"
+        ) as info:
+            sess.end()
+        assert [info.value] == saver.errors(), (
+            "another save, or another wait, would only time out again"
+        )
+        assert info.value is saver.waits[-1][1], "nothing waited after the wait that timed out"
+        assert [str(tmp_path / "model.ckpt-2")] == hung.held
     assert [0, 2] == listener.before_save_steps
     assert [3] == listener.end_steps
 

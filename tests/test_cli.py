@@ -20,9 +20,9 @@ import pytest
 import torch
 
 import torch_ckpt_hook as tch
-from torch_ckpt_hook import _cli, _demo
-from torch_ckpt_hook._cli import main
-from torch_ckpt_hook._demo import batch_for_step
+from torch_ckpt_hook._cli import COMMANDS, main
+from torch_ckpt_hook._cli_commands import demo
+from torch_ckpt_hook._cli_demo import batch_for_step
 from torch_ckpt_hook._fsutil import atomic_write
 from torch_ckpt_hook._integrity import save_with_checksum
 
@@ -64,8 +64,10 @@ def _truncate(path: str) -> None:
         f.truncate(os.path.getsize(path) - 100)
 
 
-def _run(capsys: Capsys, *argv: str) -> tuple[int, str, str]:
-    status = main(list(argv))
+def _run(capsys: Capsys, *argv: str, **commands: Any) -> tuple[int, str, str]:
+    """``torch-ckpt argv``: its status, stdout and stderr; ``commands`` replace some of
+    ``COMMANDS``, ``demo=`` a function of the parsed arguments, say."""
+    status = main(list(argv), commands={**COMMANDS, **commands})
     out, err = capsys.readouterr()
     return status, out, err
 
@@ -904,16 +906,17 @@ def test_demo_in_a_directory_of_another_model_fails_in_one_line(
     assert paths[-1] == tch.latest_checkpoint(str(tmp_path))
 
 
-def test_demo_with_a_nan_loss_fails_in_one_line(
-    capsys: Capsys, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_demo_with_a_nan_loss_fails_in_one_line(capsys: Capsys, tmp_path: pathlib.Path) -> None:
     def nan_batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
         inputs, targets = batch_for_step(step)
         return inputs, torch.full_like(targets, float("nan"))
 
-    monkeypatch.setattr(_demo, "batch_for_step", nan_batch)
+    def demo_with_nan_batches(args: Any) -> int:
+        return demo(args.dir, args.steps, args.save_every, batches=nan_batch)
 
-    status, _out, err = _run(capsys, "demo", "--dir", str(tmp_path), "--steps", "5")
+    status, _out, err = _run(
+        capsys, "demo", "--dir", str(tmp_path), "--steps", "5", demo=demo_with_nan_batches
+    )
 
     assert 1 == status
     assert "Traceback" not in err
@@ -936,15 +939,24 @@ def test_demo_that_cannot_create_its_directory_fails_in_one_line(
 
 
 def test_an_unexpected_error_is_one_line_without_a_traceback(
-    capsys: Capsys, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+    capsys: Capsys, tmp_path: pathlib.Path
 ) -> None:
-    def broken(directory: str, *, as_json: bool) -> int:
+    def broken(args: Any) -> int:
         raise ZeroDivisionError("a bug\non two lines")
 
-    monkeypatch.setattr(_cli, "ls", broken)
-
     assert (1, "", "torch-ckpt: error: ZeroDivisionError: a bug on two lines\n") == _run(
-        capsys, "ls", str(tmp_path)
+        capsys, "ls", str(tmp_path), ls=broken
+    )
+
+
+def test_an_unexpected_error_without_a_message_is_its_type(
+    capsys: Capsys, tmp_path: pathlib.Path
+) -> None:
+    def broken(args: Any) -> int:
+        raise ZeroDivisionError
+
+    assert (1, "", "torch-ckpt: error: ZeroDivisionError\n") == _run(
+        capsys, "ls", str(tmp_path), ls=broken
     )
 
 
@@ -1058,17 +1070,21 @@ def test_package_warnings_carry_the_command_prefix_once(
 
 
 def test_an_interrupted_demo_suggests_the_same_command(
-    capsys: Capsys, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+    capsys: Capsys, tmp_path: pathlib.Path
 ) -> None:
     def interrupted_at_step_3(step: int) -> tuple[torch.Tensor, torch.Tensor]:
         if step == 3:
             os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C: the demo finishes the step and saves
         return batch_for_step(step)
 
-    monkeypatch.setattr(_demo, "batch_for_step", interrupted_at_step_3)
+    def interrupted_demo(args: Any) -> int:
+        return demo(args.dir, args.steps, args.save_every, batches=interrupted_at_step_3)
+
     directory = str(tmp_path / "demo")
 
-    status, out, _err = _run(capsys, "demo", "--dir", directory, "--steps", "10")
+    status, out, _err = _run(
+        capsys, "demo", "--dir", directory, "--steps", "10", demo=interrupted_demo
+    )
 
     assert 0 == status
     assert "Stopped at step 4 of 10: run the same command again to resume." in out

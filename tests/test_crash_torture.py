@@ -32,7 +32,7 @@ import pytest
 import torch
 
 import torch_ckpt_hook as tch
-from torch_ckpt_hook._state_file import parse_checkpoint_state
+from torch_ckpt_hook._text_format import parse_checkpoint_state
 
 pytestmark = pytest.mark.slow
 

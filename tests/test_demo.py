@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import torch_ckpt_hook as tch
-from torch_ckpt_hook._demo import DemoError, batch_for_step, demo_logging, run_demo
+from torch_ckpt_hook._cli_demo import DemoError, batch_for_step, demo_logging, run_demo
 
 
 def test_demo_trains_then_resumes_from_the_latest_checkpoint(tmp_path: pathlib.Path) -> None:
@@ -86,17 +86,17 @@ def test_batches_depend_only_on_the_step() -> None:
 
 
 @pytest.mark.parametrize(
-    ("steps", "save_every", "message"),
+    ("steps", "save_every", "error", "message"),
     [
-        (0, 10, "steps must be a positive int, got 0"),
-        (10, 0, "save_every must be a positive int, got 0"),
-        (True, 10, "steps must be a positive int, got True"),
+        (0, 10, ValueError, r"^steps must be a positive int, got 0$"),
+        (10, 0, ValueError, r"^save_every must be a positive int, got 0$"),
+        (True, 10, TypeError, r"^steps must be a positive int, got True \(a bool\)$"),
     ],
 )
 def test_demo_arguments_are_checked(
-    tmp_path: pathlib.Path, steps: int, save_every: int, message: str
+    tmp_path: pathlib.Path, steps: int, save_every: int, error: type[Exception], message: str
 ) -> None:
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(error, match=message):
         run_demo(str(tmp_path), steps, save_every=save_every, out=io.StringIO())
 
 
@@ -127,8 +127,24 @@ def test_demo_logging_shows_info_lines_and_leaves_warnings_to_the_command() -> N
 
     with demo_logging(stream):
         logging.getLogger("torch_ckpt_hook._saver").info("Saved step %d", 5)
-        logging.getLogger("torch_ckpt_hook._checkpoint_hook").info("Calling checkpoint listeners")
+        logging.getLogger("torch_ckpt_hook._checkpoint_hook.tensorflow").info(
+            "Calling checkpoint listeners before saving checkpoint %d...", 5
+        )
         logging.getLogger("torch_ckpt_hook._saver").warning("reported by torch-ckpt itself")
 
     assert "Saved step 5\n" == stream.getvalue()
     assert (handlers, level) == (package_logger.handlers, package_logger.level)
+
+
+def test_demo_shows_the_hooks_saves_but_not_its_listener_lines(tmp_path: pathlib.Path) -> None:
+    stream = io.StringIO()
+
+    with demo_logging(stream):
+        run_demo(str(tmp_path), 2, save_every=100, out=io.StringIO())
+
+    lines = stream.getvalue().splitlines()
+    assert f"Saving checkpoints for 0 into {tmp_path}/model.ckpt." in lines
+    assert f"Saving checkpoints for 2 into {tmp_path}/model.ckpt." in lines
+    assert [] == [
+        line for line in lines if line.startswith(("Calling checkpoint", "Create Checkpoint"))
+    ]

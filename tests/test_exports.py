@@ -18,6 +18,7 @@ EXPECTED = {
     "NanLossDuringTrainingError",
     "NanTensorHook",
     "ProgressBarHook",
+    "SaveHandle",
     "Saver",
     "Scaffold",
     "SecondOrStepTimer",

@@ -51,7 +51,7 @@ def test_a_key_fetch_needs_a_mapping_result() -> None:
 def test_check_fetches_rejects_leaves_that_are_neither_keys_nor_callables() -> None:
     with pytest.raises(
         TypeError,
-        match=r"^Hook fetches\['x'\]\[1\] must be a str key, a callable, or a list/tuple/dict of them, got 3 of type int$",
+        match=r"^Hook fetches\['x'\]\[1\] must be a str key, a callable, or a list/tuple/dict of them, got 3 \(an int\)$",
     ):
         check_fetches({"x": ["ok", 3]}, "Hook fetches")
 

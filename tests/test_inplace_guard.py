@@ -52,7 +52,7 @@ def test_the_first_buffer_update_in_forward_waits_on_the_device_then_nothing_els
     model[1].register_forward_pre_hook(lambda *_: log.append("batchnorm forward"))
     optimizer.register_step_pre_hook(lambda *_: log.append("optimizer step"))
 
-    session._protect_until_copied(RecordingFence(log), coarse=False)
+    session.protect_until_copied(RecordingFence(log), coarse=False)
     session.run(_step, model, optimizer)
 
     assert ["device wait", "batchnorm forward", "optimizer step"] == log
@@ -70,7 +70,7 @@ def test_without_buffers_the_optimizer_step_waits() -> None:
     optimizer = LoggingAdamW(model.parameters())
     session = Session(model, optimizer)
 
-    session._protect_until_copied(RecordingFence(log), coarse=False)
+    session.protect_until_copied(RecordingFence(log), coarse=False)
     session.run(_step, model, optimizer)
 
     assert ["device wait", "optimizer step"] == log
@@ -82,7 +82,7 @@ def test_the_hooks_are_gone_at_the_step_after_the_wait() -> None:
     session = Session(model, optimizer)
     before = (len(model[1]._forward_pre_hooks), len(optimizer._optimizer_step_pre_hooks))
 
-    session._protect_until_copied(RecordingFence([]), coarse=False)
+    session.protect_until_copied(RecordingFence([]), coarse=False)
     assert 1 == len(model[1]._forward_pre_hooks) - before[0]
     session.run(_step, model, optimizer)  # the wait happens inside this step
     session.run(_step, model, optimizer)  # and the hooks go at the start of the next one
@@ -93,7 +93,7 @@ def test_the_hooks_are_gone_at_the_step_after_the_wait() -> None:
 def test_without_an_optimizer_the_next_step_waits_before_it_starts() -> None:
     log: list[str] = []
     session = Session(torch.nn.Linear(1, 1))
-    session._protect_until_copied(RecordingFence(log), coarse=False)
+    session.protect_until_copied(RecordingFence(log), coarse=False)
     session.run(lambda: log.append("step"))
     session.run(lambda: log.append("step"))
     assert ["device wait", "step", "step"] == log
@@ -104,7 +104,7 @@ def test_coarse_mode_waits_before_the_step_even_with_an_optimizer() -> None:
     model = torch.nn.Linear(3, 1)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     session = Session(model, optimizer)
-    session._protect_until_copied(RecordingFence(log), coarse=True)
+    session.protect_until_copied(RecordingFence(log), coarse=True)
     session.run(lambda: log.append("step"))
     assert ["device wait", "step"] == log
 
@@ -114,11 +114,11 @@ def test_a_restore_and_a_close_wait_for_pending_copies() -> None:
     model = torch.nn.Linear(1, 1)
     session = Session(model, torch.optim.SGD(model.parameters(), lr=0.1))
     payload = session.state_dict()
-    session._protect_until_copied(RecordingFence(log), coarse=False)
+    session.protect_until_copied(RecordingFence(log), coarse=False)
     session.load_state_dict(payload)
     assert ["device wait"] == log
 
-    session._protect_until_copied(RecordingFence(log), coarse=False)
+    session.protect_until_copied(RecordingFence(log), coarse=False)
     session.close()
     assert ["device wait", "device wait"] == log
     assert 0 == len(session.optimizer._optimizer_step_pre_hooks)  # type: ignore[union-attr]
@@ -127,8 +127,8 @@ def test_a_restore_and_a_close_wait_for_pending_copies() -> None:
 def test_a_new_save_settles_the_previous_fence_first() -> None:
     log: list[str] = []
     session = Session(torch.nn.Linear(1, 1))
-    session._protect_until_copied(RecordingFence(log), coarse=False)
-    session._protect_until_copied(RecordingFence(log), coarse=False)
+    session.protect_until_copied(RecordingFence(log), coarse=False)
+    session.protect_until_copied(RecordingFence(log), coarse=False)
     assert ["device wait"] == log
 
 

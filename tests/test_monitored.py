@@ -498,8 +498,16 @@ def test_a_stop_signal_finishes_the_step_then_stops_and_restores_the_handler() -
             TypeError,
             r"^recoverable_errors must be a tuple of exception types, got 'x' in it$",
         ),
-        ({"max_recoveries": -1}, ValueError, r"^max_recoveries must be an int >= 0, got -1$"),
-        ({"max_recoveries": 1.5}, TypeError, r"^max_recoveries must be an int >= 0, got 1\.5$"),
+        (
+            {"max_recoveries": -1},
+            ValueError,
+            r"^max_recoveries must be a non-negative int, got -1$",
+        ),
+        (
+            {"max_recoveries": 1.5},
+            TypeError,
+            r"^max_recoveries must be a non-negative int, got 1\.5 \(a float\)$",
+        ),
         (
             {"stop_on_signals": ("TERM",)},
             ValueError,

@@ -104,9 +104,9 @@ def _progress_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
     ("total", "error", "message"),
     [
         (-1, ValueError, "total must be a non-negative int (the last global step) or None, got -1"),
-        ("10", TypeError, "total must be a non-negative int .* got '10' of type str"),
-        (True, TypeError, "total must be a non-negative int .* got True of type bool"),
-        (2.5, TypeError, "total must be a non-negative int .* got 2.5 of type float"),
+        ("10", TypeError, "total must be a non-negative int .* got '10' (a str)"),
+        (True, TypeError, "total must be a non-negative int .* got True (a bool)"),
+        (2.5, TypeError, "total must be a non-negative int .* got 2.5 (a float)"),
     ],
 )
 def test_total_must_be_a_non_negative_int_or_none(total: Any, error: type, message: str) -> None:

@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import FakeClock, make_train_step
+from storages import DiskFullStorage, RecordingStorage
 
 from torch_ckpt_hook import (
     CheckpointCorruptedError,
@@ -317,24 +318,39 @@ def test_a_missing_parent_directory_is_a_value_error_naming_it(tmp_path: Path) -
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "message"),
+    ("kwargs", "error", "message"),
     [
-        ({"max_to_keep": -1}, r"max_to_keep must be None or an int >= 0, got -1"),
-        ({"max_to_keep": "5"}, r"max_to_keep must be None or an int >= 0, got '5'"),
+        (
+            {"max_to_keep": -1},
+            ValueError,
+            r"max_to_keep must be a non-negative int or None, got -1",
+        ),
+        (
+            {"max_to_keep": "5"},
+            TypeError,
+            r"max_to_keep must be a non-negative int or None, got '5' \(a str\)",
+        ),
         (
             {"keep_checkpoint_every_n_hours": 0},
-            r"keep_checkpoint_every_n_hours must be a number > 0, got 0",
+            ValueError,
+            r"keep_checkpoint_every_n_hours must be a positive number, got 0",
         ),
         (
             {"keep_checkpoint_every_n_hours": -1},
-            r"keep_checkpoint_every_n_hours must be a number > 0, got -1",
+            ValueError,
+            r"keep_checkpoint_every_n_hours must be a positive number, got -1",
+        ),
+        (
+            {"drain_timeout_secs": 0},
+            ValueError,
+            r"drain_timeout_secs must be a positive number or None, got 0",
         ),
     ],
 )
-def test_bad_constructor_arguments_are_value_errors_naming_argument_and_value(
-    kwargs: dict[str, Any], message: str
+def test_bad_constructor_arguments_are_errors_naming_argument_and_value(
+    kwargs: dict[str, Any], error: type[Exception], message: str
 ) -> None:
-    with pytest.raises(ValueError, match=rf"^{message}$"):
+    with pytest.raises(error, match=rf"^{message}$"):
         Saver(**kwargs)
 
 
@@ -356,40 +372,33 @@ def test_non_blocking_save_returns_a_handle_whose_result_is_the_path(tmp_path: P
 # Commit order and stray temporary files
 
 
-def test_the_state_file_is_replaced_before_old_checkpoints_are_deleted(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Checkpoint renamed into place, then the state file, then deletions (SPEC §3)."""
-    saver = Saver(max_to_keep=2)
+def test_the_state_file_is_replaced_before_old_checkpoints_are_deleted(tmp_path: Path) -> None:
+    """Checkpoint durable, then the state file replaced, then deletions (SPEC §3)."""
+    disk = RecordingStorage()
+    saver = Saver(max_to_keep=2, storage=disk)
     prefix = str(tmp_path / "model.ckpt")
     for step in (1, 2):
         saver.save(_session(step), prefix, global_step=step)
 
-    events: list[tuple[str, str]] = []
     listed_at_removal: dict[str, list[str]] = {}
-    real_replace, real_remove = os.replace, os.remove
 
-    def replace(src: Any, dst: Any) -> None:
-        real_replace(src, dst)
-        events.append(("replace", os.path.basename(dst)))
+    def look(method: str, path: str) -> None:
+        # On the writer thread: a failed assert fails the save, with the AssertionError as cause.
+        if method == "delete":
+            listed_at_removal[os.path.basename(path)] = _listed(tmp_path)
+            return
         missing = [n for n in _listed(tmp_path) if not (tmp_path / n).exists()]
-        assert [] == missing, f"the state file names missing files after replacing {dst}"
+        assert [] == missing, f"the state file names missing files after {method}({path})"
 
-    def remove(path: Any) -> None:
-        events.append(("remove", os.path.basename(path)))
-        listed_at_removal[os.path.basename(path)] = _listed(tmp_path)
-        real_remove(path)
-
-    monkeypatch.setattr(os, "replace", replace)
-    monkeypatch.setattr(os, "remove", remove)
+    disk.calls.clear()
+    disk.on_call = look
     saver.save(_session(3), prefix, global_step=3)
-    monkeypatch.undo()
 
     assert [
-        ("replace", "model.ckpt-3"),
-        ("replace", "checkpoint"),
-        ("remove", "model.ckpt-1"),
-    ] == events
+        ("write", "model.ckpt-3"),
+        ("write_state", "model.ckpt-3"),
+        ("delete", "model.ckpt-1"),
+    ] == [(method, os.path.basename(path)) for method, path in disk.calls]
     assert {"model.ckpt-1": ["model.ckpt-2", "model.ckpt-3"]} == listed_at_removal
 
 
@@ -621,23 +630,18 @@ def test_a_failed_write_raises_checkpoint_save_error_and_keeps_earlier_checkpoin
     assert 2 == load_checkpoint(paths[1])["global_step"]
 
 
-def test_a_write_error_is_the_cause_of_the_checkpoint_save_error(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    saver = Saver(max_to_keep=2)
+def test_a_write_error_is_the_cause_of_the_checkpoint_save_error(tmp_path: Path) -> None:
+    disk = DiskFullStorage(room=10, armed=False)  # armed: 10 bytes in, the write fails
+    saver = Saver(max_to_keep=2, storage=disk)
     prefix = str(tmp_path / "model.ckpt")
     first = saver.save(_session(1), prefix, global_step=1)
-    disk_full = OSError(errno.ENOSPC, "No space left on device")
 
-    def failing_save(obj: object, f: Any, *args: Any, **kwargs: Any) -> None:
-        f.write(b"PK partial")
-        raise disk_full
-
-    monkeypatch.setattr(torch, "save", failing_save)
+    disk.arm()
     with pytest.raises(CheckpointSaveError, match=r"No space left on device") as excinfo:
         saver.save(_session(2), prefix, global_step=2)
 
-    assert disk_full is excinfo.value.__cause__
+    assert [excinfo.value.__cause__] == disk.raised, "the disk's own error, not a wrapper"
+    assert errno.ENOSPC == disk.raised[0].errno
     assert {"checkpoint", "model.ckpt-1"} == _files(tmp_path)
     assert [first] == saver.last_checkpoints
     assert first == latest_checkpoint(str(tmp_path))

@@ -84,9 +84,11 @@ def test_global_step_is_settable_and_validated() -> None:
     session = Session(torch.nn.Linear(1, 1))
     session.global_step = 42
     assert session.global_step == 42
-    with pytest.raises(ValueError, match=r"^global_step must be >= 0, got -1$"):
+    with pytest.raises(ValueError, match=r"^global_step must be a non-negative int, got -1$"):
         session.global_step = -1
-    with pytest.raises(TypeError, match=r"^global_step must be an int, got 1\.5 of type float$"):
+    with pytest.raises(
+        TypeError, match=r"^global_step must be a non-negative int, got 1\.5 \(a float\)$"
+    ):
         session.global_step = 1.5  # type: ignore[assignment]
 
 
@@ -105,8 +107,12 @@ def test_global_step_is_settable_and_validated() -> None:
             TypeError,
             r"^extra_state\['sched'\] must have a state_dict\(\) method, got int",
         ),
-        ({"global_step": True}, TypeError, r"^global_step must be an int, got True"),
-        ({"global_step": -5}, ValueError, r"^global_step must be >= 0, got -5$"),
+        (
+            {"global_step": True},
+            TypeError,
+            r"^global_step must be a non-negative int, got True \(a bool\)$",
+        ),
+        ({"global_step": -5}, ValueError, r"^global_step must be a non-negative int, got -5$"),
     ],
 )
 def test_constructor_validates_arguments(kwargs, error, message) -> None:  # type: ignore[no-untyped-def]

@@ -14,17 +14,15 @@ import uuid
 import pytest
 import torch
 
+from torch_ckpt_hook._checkpoint_dir import find_checkpoints, latest_checkpoint
 from torch_ckpt_hook._fsutil import TEMP_INFIX
 from torch_ckpt_hook._state_file import (
     STATE_FILENAME,
     CheckpointState,
-    find_checkpoints,
-    format_checkpoint_state,
     get_checkpoint_state,
-    latest_checkpoint,
-    parse_checkpoint_state,
     update_checkpoint_state,
 )
+from torch_ckpt_hook._text_format import format_checkpoint_state, parse_checkpoint_state
 
 LOGGER = "torch_ckpt_hook._state_file"
 

@@ -1,7 +1,7 @@
 """TensorFlow's CheckpointSaverHook and MonitoredSession for hand-written PyTorch training loops."""
 
 from ._basic_hooks import LoggingTensorHook, NanTensorHook, StepCounterHook, StopAtStepHook
-from ._checkpoint_dir import restorable_checkpoint
+from ._checkpoint_dir import latest_checkpoint, restorable_checkpoint
 from ._checkpoint_file import load_checkpoint, verify_checkpoint
 from ._checkpoint_hook import CheckpointSaverHook
 from ._errors import (
@@ -18,9 +18,10 @@ from ._progress import ProgressBarHook
 from ._saver import Saver
 from ._scaffold import Scaffold
 from ._session import Session
-from ._state_file import CheckpointState, get_checkpoint_state, latest_checkpoint
+from ._state_file import CheckpointState, get_checkpoint_state
 from ._timer import SecondOrStepTimer
 from ._training import MonitoredTrainingSession
+from ._writer import SaveHandle
 
 __version__ = "0.1.0"
 
@@ -38,6 +39,7 @@ __all__ = [
     "NanLossDuringTrainingError",
     "NanTensorHook",
     "ProgressBarHook",
+    "SaveHandle",
     "Saver",
     "Scaffold",
     "SecondOrStepTimer",

@@ -19,6 +19,15 @@ from ._errors import NanLossDuringTrainingError
 from ._fetches import check_fetches
 from ._hooks import SessionRunArgs, SessionRunContext, SessionRunHook, SessionRunValues
 from ._timer import NeverTriggerTimer, SecondOrStepTimer
+from ._validation import (
+    check_bool,
+    check_callable,
+    check_int,
+    check_number,
+    check_type,
+    is_int,
+    repr_with_type,
+)
 
 if TYPE_CHECKING:
     from ._coordinator import Coordinator
@@ -28,36 +37,6 @@ logger = logging.getLogger(__name__)
 
 _MAX_STEP_WARNINGS = 5
 _STEPS_PER_SEC_TAG = "global_step/sec"
-
-
-def _type_name(value: object) -> str:
-    return type(value).__qualname__
-
-
-def _check_non_negative_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(
-            f"{name} must be a non-negative int, got {value!r} of type {_type_name(value)}"
-        )
-    if value < 0:
-        raise ValueError(f"{name} must be a non-negative int, got {value}")
-    return value
-
-
-def _check_non_negative_number(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(
-            f"{name} must be a non-negative number, got {value!r} of type {_type_name(value)}"
-        )
-    if math.isnan(value) or value < 0:
-        raise ValueError(f"{name} must be a non-negative number, got {value}")
-    return value
-
-
-def _check_bool(name: str, value: object) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {value!r} of type {_type_name(value)}")
-    return value
 
 
 def _is_leaf(value: object) -> bool:
@@ -93,7 +72,7 @@ def _contains_nan(value: Any) -> bool:
     except (TypeError, ValueError, RuntimeError) as err:
         raise TypeError(
             "NanTensorHook expects the loss to be a tensor or a number (or a list/tuple/dict of "
-            f"them), got {value!r} of type {_type_name(value)}"
+            f"them), got {repr_with_type(value)}"
         ) from err
     return bool(torch.isnan(tensor).any())
 
@@ -106,11 +85,12 @@ class StopAtStepHook(SessionRunHook):
             raise ValueError("One of num_steps or last_step must be specified.")
         if num_steps is not None and last_step is not None:
             raise ValueError("Only one of num_steps or last_step can be specified.")
+        # Exactly one is given (checked above), so a message saying "or None" would mislead.
         self._num_steps = (
-            None if num_steps is None else _check_non_negative_int("num_steps", num_steps)
+            None if num_steps is None else check_int("num_steps", num_steps, minimum=0)
         )
         self._last_step = (
-            None if last_step is None else _check_non_negative_int("last_step", last_step)
+            None if last_step is None else check_int("last_step", last_step, minimum=0)
         )
         self._stale_step: int | None = None
 
@@ -150,14 +130,16 @@ class StepCounterHook(SessionRunHook):
         if (every_n_steps is None) == (every_n_secs is None):
             raise ValueError("exactly one of every_n_steps and every_n_secs should be provided.")
         if every_n_steps is not None:
-            _check_non_negative_int("every_n_steps", every_n_steps)
+            check_int("every_n_steps", every_n_steps, minimum=0)
         if every_n_secs is not None:
-            _check_non_negative_number("every_n_secs", every_n_secs)
-        if output_dir is not None and not isinstance(output_dir, (str, os.PathLike)):
-            raise TypeError(
-                f"output_dir must be a path (str or os.PathLike) or None, "
-                f"got {output_dir!r} of type {_type_name(output_dir)}"
-            )
+            check_number("every_n_secs", every_n_secs, minimum=0)
+        check_type(
+            "output_dir",
+            output_dir,
+            (str, os.PathLike),
+            "a path (str or os.PathLike)",
+            allow_none=True,
+        )
         self._timer = SecondOrStepTimer(every_secs=every_n_secs, every_steps=every_n_steps)
         self._output_dir = output_dir
         self._summary_writer: Any = None
@@ -238,28 +220,21 @@ class LoggingTensorHook(SessionRunHook):
         at_end: bool = False,
         formatter: Callable[[dict[str, Any]], str] | None = None,
     ) -> None:
-        _check_bool("at_end", at_end)
+        check_bool("at_end", at_end)
         only_log_at_end = at_end and every_n_iter is None and every_n_secs is None
         if not only_log_at_end and (every_n_iter is None) == (every_n_secs is None):
             raise ValueError(
                 "either at_end and/or exactly one of every_n_iter and every_n_secs "
                 "must be provided."
             )
+        if is_int(every_n_iter) and every_n_iter <= 0:
+            # TensorFlow's message; a wrong type is this package's check below.
+            raise ValueError(f"invalid every_n_iter={every_n_iter}. It must be a positive int.")
         if every_n_iter is not None:
-            if isinstance(every_n_iter, bool) or not isinstance(every_n_iter, int):
-                raise TypeError(
-                    f"every_n_iter must be a positive int, got {every_n_iter!r} "
-                    f"of type {_type_name(every_n_iter)}"
-                )
-            if every_n_iter <= 0:
-                raise ValueError(f"invalid every_n_iter={every_n_iter}. It must be a positive int.")
+            check_int("every_n_iter", every_n_iter, minimum=1)
         if every_n_secs is not None:
-            _check_non_negative_number("every_n_secs", every_n_secs)
-        if formatter is not None and not callable(formatter):
-            raise TypeError(
-                f"formatter must be a callable or None, got {formatter!r} "
-                f"of type {_type_name(formatter)}"
-            )
+            check_number("every_n_secs", every_n_secs, minimum=0)
+        check_callable("formatter", formatter, allow_none=True)
         self._fetches = self._tag_fetches(tensors)
         self._tag_order = (
             sorted(self._fetches) if isinstance(tensors, Mapping) else list(self._fetches)
@@ -281,8 +256,8 @@ class LoggingTensorHook(SessionRunHook):
             for key in tensors:
                 if not isinstance(key, str):
                     raise TypeError(
-                        f"tensors keys are the logged tags and must be str, got {key!r} "
-                        f"of type {_type_name(key)}"
+                        "tensors keys are the logged tags and must be str, "
+                        f"got {repr_with_type(key)}"
                     )
             leaves = list(tensors.items())
         elif _is_leaf(tensors):
@@ -292,7 +267,7 @@ class LoggingTensorHook(SessionRunHook):
         else:
             raise TypeError(
                 "tensors must be a dict of tag -> fetch, a list/tuple of fetches, or one fetch "
-                f"(a str or a callable), got {tensors!r} of type {_type_name(tensors)}"
+                f"(a str or a callable), got {repr_with_type(tensors)}"
             )
         if not leaves:
             raise ValueError(f"tensors must name at least one value to log, got {tensors!r}")
@@ -300,8 +275,8 @@ class LoggingTensorHook(SessionRunHook):
             if not _is_leaf(leaf):
                 raise TypeError(
                     f"tensors[{tag!r}] must be a str (a key into the step function's returned "
-                    f"mapping) or a callable (called with that return value), got {leaf!r} "
-                    f"of type {_type_name(leaf)}"
+                    "mapping) or a callable (called with that return value), "
+                    f"got {repr_with_type(leaf)}"
                 )
         fetches = dict(leaves)
         if len(fetches) != len(leaves):
@@ -366,7 +341,7 @@ class NanTensorHook(SessionRunHook):
             )
         check_fetches(loss_tensor, "loss_tensor")
         self._loss_tensor = loss_tensor
-        self._fail_on_nan_loss = _check_bool("fail_on_nan_loss", fail_on_nan_loss)
+        self._fail_on_nan_loss = check_bool("fail_on_nan_loss", fail_on_nan_loss)
 
     def before_run(self, run_context: SessionRunContext) -> SessionRunArgs | None:
         return SessionRunArgs(self._loss_tensor)

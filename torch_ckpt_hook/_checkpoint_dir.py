@@ -1,4 +1,4 @@
-"""A checkpoint directory as a new session sees it: its candidates, and which one it restores.
+"""A checkpoint directory: the naming scheme, its checkpoints on disk, the latest, the restore.
 
 One policy, used by session creation and by ``torch-ckpt ls`` / ``inspect`` alike: try the
 candidates newest first; pass over one that is damaged or not a regular file (it cannot hold a
@@ -9,13 +9,99 @@ state, and falling back past it would silently roll the run back); restore the f
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
+import re
+import zipfile
 from collections.abc import Callable, Iterable, Mapping
 
 from ._checkpoint_file import CheckpointProblem, check_checkpoint
-from ._fsutil import path_key
+from ._fsutil import is_temp_file, path_key
 from ._integrity import ProblemKind
-from ._state_file import STATE_FILENAME, find_checkpoints, get_checkpoint_state
+from ._state_file import STATE_FILENAME, get_checkpoint_state, state_file_path
+
+logger = logging.getLogger(__name__)
+
+# The naming scheme: ``<prefix>-<step>`` (``model.ckpt-300``), TensorFlow's.
+CHECKPOINT_NAME = re.compile(r"(?P<prefix>.+)-(?P<step>[0-9]+)", re.DOTALL)
+
+
+def checkpoint_name(prefix: str, step: int) -> str:
+    """The name of ``prefix``'s checkpoint of ``step``: ``model.ckpt-300``."""
+    return f"{prefix}-{step}"
+
+
+def step_of(path: str) -> int | None:
+    """The step a checkpoint's name ends with (``model.ckpt-300``: 300), or None."""
+    m = CHECKPOINT_NAME.fullmatch(os.path.basename(path))
+    return None if m is None else int(m["step"])
+
+
+def find_checkpoints(checkpoint_dir: str | os.PathLike[str]) -> list[tuple[int, str]]:
+    """The committed checkpoint files in ``checkpoint_dir``, as ``(step, path)``, oldest first.
+
+    A committed checkpoint is a regular file named ``<prefix>-<step>`` that is a complete zip
+    archive (``torch.save``'s format); temporary files of unfinished saves, the state file and
+    truncated or foreign files are left out. Sorted by step, then modification time.
+    """
+    checkpoint_dir = os.fspath(checkpoint_dir)
+    try:
+        entries = list(os.scandir(checkpoint_dir))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    found: list[tuple[int, float, str]] = []
+    for entry in entries:
+        m = CHECKPOINT_NAME.fullmatch(entry.name)
+        if m is None or entry.name == STATE_FILENAME or is_temp_file(entry.name):
+            continue
+        try:
+            if not entry.is_file():
+                continue
+            mtime = entry.stat().st_mtime
+        except OSError:
+            # Deleted (retention, another process) since the listing.
+            continue
+        # is_zipfile finds the zip's end record, which torch.save writes last: a file cut short
+        # by a crash mid-write (with no atomic rename) is not taken for a checkpoint.
+        if zipfile.is_zipfile(entry.path):
+            found.append((int(m["step"]), mtime, entry.path))
+    found.sort()
+    return [(step, path) for step, _, path in found]
+
+
+def latest_checkpoint(
+    checkpoint_dir: str | os.PathLike[str], latest_filename: str | None = None
+) -> str | None:
+    """The newest checkpoint in ``checkpoint_dir``, or None when there is none.
+
+    The state file's ``model_checkpoint_path`` when it names a checkpoint that exists; otherwise
+    (no state file, or one that is unusable or names only missing files) the newest committed
+    checkpoint that ``find_checkpoints`` finds, with a warning when a state file was there.
+    """
+    checkpoint_dir = os.fspath(checkpoint_dir)
+    state = get_checkpoint_state(checkpoint_dir, latest_filename)
+    if state is not None:
+        return state.model_checkpoint_path
+    found = find_checkpoints(checkpoint_dir)
+    if not found:
+        return None
+    newest = found[-1][1]
+    state_path = state_file_path(checkpoint_dir, latest_filename)
+    if os.path.lexists(state_path):
+        logger.warning(
+            "Checkpoint state file %s is unusable; using the newest checkpoint in %s instead: %s",
+            state_path,
+            checkpoint_dir,
+            newest,
+        )
+    else:
+        logger.info(
+            "No checkpoint state file in %s; using its newest checkpoint %s.",
+            checkpoint_dir,
+            newest,
+        )
+    return newest
+
 
 # What restore does with a candidate that has a problem of each kind: pass over it to the next
 # older one (these), or stop there (the others).

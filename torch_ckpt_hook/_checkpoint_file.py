@@ -35,6 +35,7 @@ from ._integrity import (
     open_regular_file,
     save_with_checksum,
 )
+from ._messages import error_line
 
 logger = logging.getLogger(__name__)
 
@@ -140,7 +141,8 @@ def _check_map_location(map_location: MAP_LOCATION) -> None:
             torch.device(target)
         except RuntimeError as err:
             raise ValueError(
-                f"map_location must name a torch device, got {target!r}: {err}"
+                f"map_location must name a torch device, got {target!r}: "
+                f"{error_line(err, with_type=False)}"
             ) from err
 
 
@@ -262,6 +264,7 @@ def _device_error(err: Exception) -> str | None:
 
 
 def _describe(err: Exception) -> str:
+    """Why torch.load failed, in one line for the message that quotes it."""
     message = str(err)
     if isinstance(err, pickle.UnpicklingError) and "Weights only load failed" in message:
         # torch's message leads with advice to turn weights_only off, which is never the fix
@@ -269,8 +272,8 @@ def _describe(err: Exception) -> str:
         match = _WEIGHTS_ONLY_DETAIL.search(message)
         detail = " ".join(match[1].split()) if match is not None else ""
         return f"the weights_only unpickler failed: {detail or 'no details'}"
-    lines = [line.strip() for line in message.splitlines() if line.strip()]
-    return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
+    # The first line says what failed; torch's further lines are advice.
+    return error_line(err, first_line=True)
 
 
 def _as_payload(path: str, loaded: Any) -> dict[str, Any]:

@@ -18,29 +18,35 @@ import sys
 import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from ._checkpoint_dir import checkpoint_name, latest_checkpoint
 from ._errors import CheckpointSaveError
 from ._fsutil import same_path
 from ._hooks import SessionRunContext, SessionRunHook, SessionRunValues
 from ._listeners import CheckpointSaverListener
+from ._messages import os_error_reason
 from ._saver import Saver
 from ._scaffold import Scaffold
-from ._state_file import latest_checkpoint
 from ._timer import SecondOrStepTimer
+from ._validation import check_bool, check_type
+from ._writer import SaveHandle
 
 if TYPE_CHECKING:
     from ._coordinator import Coordinator
     from ._session import Session
 
 logger = logging.getLogger(__name__)
+# TensorFlow's log lines, word for word, on a child logger of their own: a program can silence
+# them by name (the demo does) and keep "Saving checkpoints for N" and the warnings.
+tf_logger = logging.getLogger(f"{__name__}.tensorflow")
 
 
 @dataclass
 class _PendingSave:
     """A save whose listeners' ``after_save`` has not run yet."""
 
-    handle: Any
+    handle: SaveHandle
     step: int
     # A stop asked by after_save counts only for saves made from after_run (TensorFlow).
     may_stop: bool
@@ -140,7 +146,7 @@ def check_writable_dir(directory: str) -> None:
             pass
     except OSError as err:
         raise ValueError(
-            f"checkpoint_dir {directory!r} must be a writable directory: {err.strerror or err}"
+            f"checkpoint_dir {directory!r} must be a writable directory: {os_error_reason(err)}"
         ) from err
 
 
@@ -170,7 +176,7 @@ class CheckpointSaverHook(SessionRunHook):
         *,
         async_save: bool = True,
     ) -> None:
-        logger.info("Create CheckpointSaverHook.")
+        tf_logger.info("Create CheckpointSaverHook.")
         if saver is not None and scaffold is not None:
             raise ValueError("You cannot provide both saver and scaffold.")
         if not isinstance(checkpoint_dir, (str, os.PathLike)):
@@ -186,14 +192,9 @@ class CheckpointSaverHook(SessionRunHook):
                 "checkpoint_basename must be a file name without directories, "
                 f"got {checkpoint_basename!r}"
             )
-        if saver is not None and not isinstance(saver, Saver):
-            raise TypeError(f"saver must be a Saver or None, got {type(saver).__qualname__}")
-        if scaffold is not None and not isinstance(scaffold, Scaffold):
-            raise TypeError(
-                f"scaffold must be a Scaffold or None, got {type(scaffold).__qualname__}"
-            )
-        if not isinstance(async_save, bool):
-            raise TypeError(f"async_save must be a bool, got {async_save!r}")
+        check_type("saver", saver, Saver, "a Saver", allow_none=True)
+        check_type("scaffold", scaffold, Scaffold, "a Scaffold", allow_none=True)
+        check_bool("async_save", async_save)
         self._checkpoint_dir = os.fspath(checkpoint_dir)
         self._save_path = os.path.join(self._checkpoint_dir, checkpoint_basename)
         self._timer = SecondOrStepTimer(every_secs=save_secs, every_steps=save_steps)
@@ -334,15 +335,15 @@ class CheckpointSaverHook(SessionRunHook):
         except Exception as err:
             failures.add(err)
 
-    def _wait_for_in_flight(self, failures: _Failures) -> bool:
-        """Wait for every pending save to finish; False when one is still being written."""
-        in_flight = [pending for pending in self._pending if not pending.handle.done()]
-        if not in_flight:
-            return True
-        timeout = self._get_saver().drain_timeout_secs
+    def _wait_for_in_flight(self, failures: _Failures, next_step: int | None = None) -> bool:
+        """Wait for the save still being written; False when it still is after the timeout.
+
+        The saver owns the wait; with ``next_step`` (a save about to start) it warns that the
+        save interval is shorter than a save takes.
+        """
+        name = None if next_step is None else self._checkpoint_path(next_step)
         try:
-            for pending in in_flight:
-                pending.handle.wait(timeout)
+            self._get_saver().wait_for_previous_save(name)
         except Exception as err:
             failures.add(err)
             return False
@@ -357,13 +358,13 @@ class CheckpointSaverHook(SessionRunHook):
         return self._saver
 
     def _checkpoint_path(self, step: int) -> str:
-        return f"{self._save_path}-{step}"
+        return checkpoint_name(self._save_path, step)
 
     def _save(self, session: Session, step: int, *, may_stop: bool, failures: _Failures) -> None:
         """Save ``step`` between the listeners' calls; errors go to ``failures``, never raised."""
         if not self._finish_previous_save(session, step, failures):
             return
-        logger.info("Calling checkpoint listeners before saving checkpoint %d...", step)
+        tf_logger.info("Calling checkpoint listeners before saving checkpoint %d...", step)
         ready: list[CheckpointSaverListener] = []
         for listener in self._listeners:
             try:
@@ -391,7 +392,7 @@ class CheckpointSaverHook(SessionRunHook):
         if not self._async_save:
             handle.wait()  # the _poll after this save reports it, failed or not
 
-    def _start_save(self, session: Session, step: int) -> Any:
+    def _start_save(self, session: Session, step: int) -> SaveHandle:
         if not os.path.isdir(self._checkpoint_dir):
             # Deleted under the running hook: a failed save like any other, which the loop can
             # catch and train on (saves resume once the directory is back).
@@ -413,15 +414,7 @@ class CheckpointSaverHook(SessionRunHook):
         Returns False, the save not to be made, when the previous one is still being written
         after ``drain_timeout_secs``.
         """
-        in_flight = [pending for pending in self._pending if not pending.handle.done()]
-        if in_flight:
-            logger.warning(
-                "Saving checkpoint %d waits for the save of step %d, which is still being "
-                "written: the save interval is shorter than a save takes.",
-                step,
-                in_flight[0].step,
-            )
-        settled = self._wait_for_in_flight(failures)
+        settled = self._wait_for_in_flight(failures, next_step=step)
         self._poll(session, failures)
         return settled
 
@@ -431,7 +424,7 @@ class CheckpointSaverHook(SessionRunHook):
         while self._pending and self._pending[0].handle.done():
             pending = self._pending.pop(0)
             # Saver.wait_until_finished() may have raised this failure to the user already.
-            reported = getattr(pending.handle, "reported", False)
+            reported = pending.handle.reported
             try:
                 pending.handle.result()
             except Exception as err:
@@ -439,7 +432,9 @@ class CheckpointSaverHook(SessionRunHook):
                     failures.add(err)
                 continue
             self._committed_step = pending.step
-            logger.info("Calling checkpoint listeners after saving checkpoint %d...", pending.step)
+            tf_logger.info(
+                "Calling checkpoint listeners after saving checkpoint %d...", pending.step
+            )
             for listener in pending.listeners:
                 try:
                     stop = listener.after_save(session, pending.step)

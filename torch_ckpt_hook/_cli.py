@@ -17,6 +17,7 @@ import stat
 import sys
 import textwrap
 import zipfile
+from collections.abc import Callable, Mapping
 from typing import NoReturn
 
 from . import __version__
@@ -30,9 +31,10 @@ from ._cli_commands import (
     ls,
     verify,
 )
+from ._cli_demo import DEFAULT_DIR, DEFAULT_SAVE_EVERY, DEFAULT_STEPS
 from ._cli_format import ConsoleHandler, PrefixFormatter, printable
-from ._demo import DEFAULT_DIR, DEFAULT_SAVE_EVERY, DEFAULT_STEPS
 from ._fsutil import file_type
+from ._messages import error_line, os_error_reason
 from ._state_file import STATE_FILENAME
 
 _EPILOG = """\
@@ -83,7 +85,7 @@ def _checkpoint_or_dir(value: str) -> str:
         ) from None
     except OSError as err:
         raise argparse.ArgumentTypeError(
-            f"{expected}, got {value!r}, which cannot be read: {err.strerror or err}"
+            f"{expected}, got {value!r}, which cannot be read: {os_error_reason(err)}"
         ) from None
     if stat.S_ISDIR(mode):
         return value
@@ -217,9 +219,24 @@ def build_parser() -> _Parser:
 # ---------------------------------------------------------------------------------------------
 # Running
 
+Command = Callable[[argparse.Namespace], int]
+"""A subcommand: called with the parsed arguments, it prints its result and returns the status."""
 
-def main(argv: list[str] | None = None) -> int:
-    """Run ``torch-ckpt`` with ``argv`` (default: ``sys.argv[1:]``); return the exit status."""
+COMMANDS: Mapping[str, Command] = {
+    "ls": lambda args: ls(args.dir, as_json=args.json),
+    "inspect": lambda args: inspect(args.path, as_json=args.json, verify=args.verify),
+    "verify": lambda args: verify(args.path),
+    "demo": lambda args: demo(args.dir, args.steps, args.save_every),
+}
+
+
+def main(argv: list[str] | None = None, *, commands: Mapping[str, Command] = COMMANDS) -> int:
+    """Run ``torch-ckpt`` with ``argv`` (default: ``sys.argv[1:]``); return the exit status.
+
+    Args:
+        commands: what runs each subcommand, by name (``COMMANDS``); the parser and the error
+            reporting stay the same whatever they do.
+    """
     # The package's warnings (an unreadable state file, ...) as the command's own lines,
     # "torch-ckpt: warning: ...", each once: several steps of one command read the state file.
     handler = ConsoleHandler(PrefixFormatter(PROG))
@@ -236,12 +253,12 @@ def main(argv: list[str] | None = None) -> int:
     package_logger = logging.getLogger(__package__)
     package_logger.addHandler(handler)
     try:
-        return _run(argv)
+        return _run(argv, commands)
     finally:
         package_logger.removeHandler(handler)
 
 
-def _run(argv: list[str] | None) -> int:
+def _run(argv: list[str] | None, commands: Mapping[str, Command]) -> int:
     parser = build_parser()
     try:
         args, extras = parser.parse_known_args(argv)
@@ -254,13 +271,7 @@ def _run(argv: list[str] | None) -> int:
         return exit_.code if isinstance(exit_.code, int) else EXIT_USAGE
     command: str = args.command
     try:
-        if command == "demo":
-            return demo(args.dir, args.steps, args.save_every)
-        if command == "ls":
-            return ls(args.dir, as_json=args.json)
-        if command == "inspect":
-            return inspect(args.path, as_json=args.json, verify=args.verify)
-        return verify(args.path)
+        return commands[command](args)
     except CommandFailed as err:
         return _fail(command, str(err), err.status)
     except BrokenPipeError:
@@ -272,10 +283,9 @@ def _run(argv: list[str] | None) -> int:
     except OSError as err:  # a directory that cannot be listed, a file that vanished
         name = err.filename
         where = printable(os.fsdecode(name)) if isinstance(name, (str, bytes)) else ""
-        return _fail(command, f"{where}: {err.strerror or err}".lstrip(": "))
+        return _fail(command, f"{where}: {os_error_reason(err)}".lstrip(": "))
     except Exception as err:  # a bug, or a case nobody foresaw: still one line, no traceback
-        detail = printable(" ".join(str(err).split())) or "no details"
-        return _fail("", f"{type(err).__name__}: {detail}")
+        return _fail("", error_line(err))
 
 
 def _fail(command: str, message: str, status: int = EXIT_FAILED) -> int:

@@ -13,8 +13,16 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
-from ._checkpoint_dir import RestoreChoice, restore_choice
+from ._checkpoint_dir import RestoreChoice, latest_checkpoint, restore_choice
 from ._checkpoint_file import check_checkpoint, load_checkpoint
+from ._cli_demo import (
+    DEFAULT_SAVE_EVERY,
+    Batches,
+    DemoError,
+    batch_for_step,
+    demo_logging,
+    run_demo,
+)
 from ._cli_format import (
     count,
     human_bytes,
@@ -24,12 +32,10 @@ from ._cli_format import (
     print_table,
     printable,
 )
-from ._demo import DEFAULT_SAVE_EVERY, DemoError, demo_logging, run_demo
+from ._cli_inspection import build_document
+from ._cli_inventory import Listed, checkpoint_paths, display_name, list_checkpoints
 from ._errors import CheckpointError, NanLossDuringTrainingError
-from ._inspection import build_document
 from ._integrity import ProblemKind
-from ._inventory import Listed, checkpoint_paths, display_name, list_checkpoints
-from ._state_file import latest_checkpoint
 
 PROG = "torch-ckpt"
 EXIT_OK = 0
@@ -322,10 +328,12 @@ def verify(path: str) -> int:
 # demo
 
 
-def demo(directory: str, steps: int, save_every: int) -> int:
+def demo(directory: str, steps: int, save_every: int, *, batches: Batches = batch_for_step) -> int:
     with demo_logging(sys.stderr):
         try:
-            result = run_demo(directory, steps, save_every=save_every, out=sys.stdout)
+            result = run_demo(
+                directory, steps, save_every=save_every, out=sys.stdout, batches=batches
+            )
         except (DemoError, NanLossDuringTrainingError, CheckpointError, OSError, ValueError) as err:
             raise CommandFailed(printable(str(err))) from err
     command = f"{PROG} demo --dir {shlex.quote(printable(directory))}"

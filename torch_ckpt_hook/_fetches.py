@@ -6,6 +6,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ._hooks import SessionRunArgs, SessionRunHook
+from ._validation import repr_with_type
 
 
 def check_fetches(fetches: Any, where: str) -> None:
@@ -22,7 +23,7 @@ def check_fetches(fetches: Any, where: str) -> None:
         return
     raise TypeError(
         f"{where} must be a str key, a callable, or a list/tuple/dict of them, "
-        f"got {fetches!r} of type {type(fetches).__qualname__}"
+        f"got {repr_with_type(fetches)}"
     )
 
 

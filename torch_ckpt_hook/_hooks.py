@@ -46,7 +46,7 @@ The contract, exit paths included:
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     from ._coordinator import Coordinator
@@ -122,3 +122,14 @@ class SessionRunHook:
 
     def end(self, session: Session) -> None:
         """Called once at a clean exit, before the runner closes."""
+
+
+@runtime_checkable
+class SavesInBackground(Protocol):
+    """A hook (or saver) whose saves may still be being written after it returns.
+
+    The runner calls ``wait_until_finished()`` on every such hook before ``close()`` returns,
+    whatever the exit path, and before a recovery restores.
+    """
+
+    def wait_until_finished(self) -> None: ...

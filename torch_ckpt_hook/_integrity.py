@@ -47,6 +47,7 @@ from typing import Any, BinaryIO, Literal
 import torch
 
 from ._fsutil import file_type
+from ._messages import os_error_reason
 
 _EOCD_SIGNATURE = b"PK\x05\x06"
 _EOCD_SIZE = 22
@@ -56,16 +57,28 @@ _CHUNK = 8 << 20
 
 
 # Writes at least this large are CRC'd on a helper thread while this thread writes them: both
-# release the GIL, so on two cores a save costs max(CRC, write) rather than their sum.
-_OVERLAP_MIN = 4 << 20
+# release the GIL, so on two cores a save costs max(CRC, write) rather than their sum. Smaller
+# ones are not worth a thread hand-off.
+OVERLAP_MIN = 4 << 20
 
 
 class ChecksumWriter:
-    """A write-only file wrapper that CRCs what passes through it; ``finish`` adds the trailer."""
+    """A write-only file wrapper that CRCs what passes through it; ``finish`` adds the trailer.
 
-    def __init__(self, file: BinaryIO, crc_pool: futures.Executor | None = None) -> None:
+    With a ``crc_pool``, a write of ``overlap_min`` bytes or more is CRC'd there while it is
+    written here.
+    """
+
+    def __init__(
+        self,
+        file: BinaryIO,
+        crc_pool: futures.Executor | None = None,
+        *,
+        overlap_min: int = OVERLAP_MIN,
+    ) -> None:
         self._file = file
         self._crc_pool = crc_pool
+        self._overlap_min = overlap_min
         self._crc = 0
         self._size = 0
         # The last bytes written so far: the EOCD once torch.save is done.
@@ -105,7 +118,7 @@ class ChecksumWriter:
         if not data:
             return
         crc = None
-        if self._crc_pool is not None and len(data) >= _OVERLAP_MIN:
+        if self._crc_pool is not None and len(data) >= self._overlap_min:
             crc = self._crc_pool.submit(zlib.crc32, data, self._crc)
         else:
             self._crc = zlib.crc32(data, self._crc)
@@ -141,11 +154,16 @@ def _skip_torch_record_crcs() -> None:
         torch.serialization.get_crc32_options = get_crc32_options
 
 
-def save_with_checksum(obj: Any, file: BinaryIO) -> None:
-    """``torch.save(obj, file)`` followed by the checksum trailer."""
+def save_with_checksum(obj: Any, file: BinaryIO, *, overlap_min: int = OVERLAP_MIN) -> None:
+    """``torch.save(obj, file)`` followed by the checksum trailer.
+
+    Args:
+        overlap_min: writes at least this large are CRC'd on a helper thread while they are
+            written (``ChecksumWriter``); the CRC is the same either way.
+    """
     _skip_torch_record_crcs()
     with futures.ThreadPoolExecutor(1, thread_name_prefix="torch_ckpt_hook-crc") as crc_pool:
-        writer = ChecksumWriter(file, crc_pool)
+        writer = ChecksumWriter(file, crc_pool, overlap_min=overlap_min)
         _saving.active = True
         try:
             torch.save(obj, writer)  # type: ignore[arg-type]  # a duck-typed binary writer
@@ -245,12 +263,12 @@ def check_file(path: str) -> CheckpointProblem | None:
     except OSError as err:
         # Missing counts as unreadable, not as "nothing there": a dangling link may point into
         # a file system that is not mounted, and its checkpoint must not be passed over.
-        return CheckpointProblem("unreadable", f"unreadable: {err.strerror or err}")
+        return CheckpointProblem("unreadable", f"unreadable: {os_error_reason(err)}")
     with f:
         try:
             return checksum_problem(f)
         except OSError as err:
-            return CheckpointProblem("unreadable", f"unreadable: {err.strerror or err}")
+            return CheckpointProblem("unreadable", f"unreadable: {os_error_reason(err)}")
 
 
 def checksum_problem(f: io.BufferedReader) -> CheckpointProblem | None:

@@ -15,11 +15,18 @@ from ._checkpoint_hook import CheckpointSaverHook
 from ._coordinator import Coordinator
 from ._fetches import check_fetches, merge_feeds, resolve_fetches
 from ._fsutil import path_key
-from ._hooks import SessionRunArgs, SessionRunContext, SessionRunHook, SessionRunValues
+from ._hooks import (
+    SavesInBackground,
+    SessionRunArgs,
+    SessionRunContext,
+    SessionRunHook,
+    SessionRunValues,
+)
 from ._scaffold import Scaffold
 from ._session import Session
 from ._session_manager import prepare_session
 from ._signals import SignalStopper, check_signals
+from ._validation import check_int
 
 logger = logging.getLogger(__name__)
 
@@ -121,11 +128,7 @@ class _MonitoredSession:
         self._checkpoint_dir = checkpoint_dir
         self._checkpoint_filename_with_path = checkpoint_filename_with_path
         self._recoverable_errors = recoverable_errors
-        if isinstance(max_recoveries, bool) or not isinstance(max_recoveries, int):
-            raise TypeError(f"max_recoveries must be an int >= 0, got {max_recoveries!r}")
-        if max_recoveries < 0:
-            raise ValueError(f"max_recoveries must be an int >= 0, got {max_recoveries}")
-        self._max_recoveries = max_recoveries
+        self._max_recoveries = check_int("max_recoveries", max_recoveries, minimum=0)
         self._coord = Coordinator()
         self._signals = SignalStopper(check_signals(stop_on_signals), self._coord.request_stop)
         self._stop_requested = False
@@ -169,9 +172,8 @@ class _MonitoredSession:
     def _wait_for_saves(self) -> None:
         """Wait until the saves of every hook that has them are durable."""
         for hook in self._hooks:
-            wait = getattr(hook, "wait_until_finished", None)
-            if callable(wait):
-                wait()
+            if isinstance(hook, SavesInBackground):
+                hook.wait_until_finished()
         if self._scaffold.saver is not None:
             self._scaffold.saver.wait_until_finished()
 

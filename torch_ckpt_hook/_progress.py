@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from ._hooks import SessionRunArgs, SessionRunContext, SessionRunHook, SessionRunValues
 from ._timer import SecondOrStepTimer
+from ._validation import check_int
 
 if TYPE_CHECKING:
     from ._coordinator import Coordinator
@@ -143,16 +144,9 @@ class ProgressBarHook(SessionRunHook):
     """
 
     def __init__(self, total: int | None = None) -> None:
-        if total is not None and (isinstance(total, bool) or not isinstance(total, int)):
-            raise TypeError(
-                f"total must be a non-negative int (the last global step) or None, "
-                f"got {total!r} of type {type(total).__qualname__}"
-            )
-        if total is not None and total < 0:
-            raise ValueError(
-                f"total must be a non-negative int (the last global step) or None, got {total}"
-            )
-        self._total = total
+        self._total = check_int(
+            "total", total, minimum=0, allow_none=True, hint="the last global step"
+        )
         self._display: _Display | None = None
         self._finished = False
 

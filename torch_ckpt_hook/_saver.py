@@ -1,22 +1,33 @@
-"""``Saver``: names checkpoints, commits them, and decides which ones are kept."""
+"""``Saver``: names checkpoints, commits them through a storage, and applies retention.
+
+A save enters here once (``save``, on the training thread: check, stage, hand off) and once more
+on the writer thread (``_commit``: write, list, delete). Policy lives beside it, I/O behind it:
+``_retention`` decides what is kept, ``_ownership`` (through the storage) what may be deleted,
+``_in_flight`` owns the save being written, and a ``CheckpointStorage`` does every read and write.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 import torch
 
-from ._checkpoint_file import load_checkpoint, write_checkpoint
-from ._fsutil import path_key, remove_stray_temp_files
-from ._ownership import inside, why_not_deletable
+from ._checkpoint_dir import checkpoint_name
+from ._fsutil import path_key
+from ._in_flight import InFlight
+from ._ownership import inside
 from ._payload_check import check_payload
+from ._retention import Entry, RetentionPolicy
 from ._staging import StagingArea
-from ._state_file import STATE_FILENAME, get_checkpoint_state, update_checkpoint_state
+from ._state_file import STATE_FILENAME
+from ._storage import CheckpointStorage, LocalStorage
+from ._validation import check_int, check_number, check_type
 from ._writer import SaveHandle, start_write
 
 if TYPE_CHECKING:
@@ -24,34 +35,6 @@ if TYPE_CHECKING:
     from ._session import Session
 
 logger = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass
-class _Entry:
-    """One checkpoint on the saver's list."""
-
-    path: str
-    saved_at: float
-    # The name's prefix once the entry is known to be this saver's to delete: set for a save it
-    # committed itself, and for an adopted one once it passed ``why_not_deletable``.
-    prefix: str | None = None
-    vetted: bool = False
-
-
-def _check_max_to_keep(value: object) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"max_to_keep must be None or an int >= 0, got {value!r}")
-    return value
-
-
-def _check_timeout(value: object) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"drain_timeout_secs must be None or a number > 0, got {value!r}")
-    return float(value)
 
 
 def _on_device(obj: Any) -> bool:
@@ -65,10 +48,18 @@ def _on_device(obj: Any) -> bool:
     return False
 
 
-def _check_hours(value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"keep_checkpoint_every_n_hours must be a number > 0, got {value!r}")
-    return float(value)
+@dataclasses.dataclass(frozen=True)
+class _Job:
+    """One staged save, handed to the writer thread."""
+
+    path: str
+    directory: str
+    prefix: str | None
+    payload: dict[str, Any]
+    # Staging buffers: filled by the copy engine, read by the writer thread once the fence
+    # passes; the saver stages again only after this job finished.
+    fence: Fence
+    saved_at: float
 
 
 class Saver:
@@ -94,33 +85,75 @@ class Saver:
         keep_checkpoint_every_n_hours: float = 10000.0,
         *,
         drain_timeout_secs: float | None = 1800.0,
+        storage: CheckpointStorage | None = None,
     ) -> None:
-        self._max_to_keep = _check_max_to_keep(max_to_keep)
-        self._keep_every_secs = _check_hours(keep_checkpoint_every_n_hours) * 3600.0
-        self._drain_timeout = _check_timeout(drain_timeout_secs)
-        self._next_checkpoint_time = time.time() + self._keep_every_secs
-        # The latest save time seen, to notice a wall clock that jumped backwards.
-        self._last_clock: float | None = None
+        check_type("storage", storage, CheckpointStorage, "a CheckpointStorage", allow_none=True)
+        hours = check_number(
+            "keep_checkpoint_every_n_hours", keep_checkpoint_every_n_hours, positive=True
+        )
+        timeout = check_number(
+            "drain_timeout_secs", drain_timeout_secs, positive=True, allow_none=True
+        )
+        self._retention = RetentionPolicy(
+            check_int("max_to_keep", max_to_keep, minimum=0, allow_none=True),
+            float(hours) * 3600.0,
+            time.time(),
+        )
+        self._in_flight = InFlight(None if timeout is None else float(timeout))
+        self._storage = storage if storage is not None else LocalStorage()
         # Oldest first, every directory's; the writer thread appends, so reads take the lock.
-        self._last_checkpoints: list[_Entry] = []
+        self._last_checkpoints: list[Entry] = []
         self._lock = threading.Lock()
-        # Directories whose stray temporary files were removed, and whose list was adopted.
-        self._cleaned_dirs: set[str] = set()
+        # Directories prepared (stray temporary files removed), and whose list was adopted.
+        self._prepared_dirs: set[str] = set()
         self._recovered_dirs: set[str] = set()
         self._staging = StagingArea()
-        # Saves not yet known to be fine: the one in flight, and failures nobody was told of.
-        self._handles: list[SaveHandle] = []
 
     @property
     def drain_timeout_secs(self) -> float | None:
         """How long waiting for an in-flight save may block before it is an error."""
-        return self._drain_timeout
+        return self._in_flight.timeout
+
+    @property
+    def storage(self) -> CheckpointStorage:
+        """Where this saver reads and writes checkpoints."""
+        return self._storage
 
     @property
     def last_checkpoints(self) -> list[str]:
         """The checkpoints this saver manages, oldest first."""
         with self._lock:
             return [entry.path for entry in self._last_checkpoints]
+
+    @overload
+    def save(
+        self,
+        session: Session,
+        save_path: str,
+        global_step: int | None = None,
+        *,
+        blocking: Literal[True] = True,
+    ) -> str: ...
+
+    @overload
+    def save(
+        self,
+        session: Session,
+        save_path: str,
+        global_step: int | None = None,
+        *,
+        blocking: Literal[False],
+    ) -> SaveHandle: ...
+
+    @overload
+    def save(
+        self,
+        session: Session,
+        save_path: str,
+        global_step: int | None = None,
+        *,
+        blocking: bool,
+    ) -> str | SaveHandle: ...
 
     def save(
         self,
@@ -129,10 +162,10 @@ class Saver:
         global_step: int | None = None,
         *,
         blocking: bool = True,
-    ) -> Any:
+    ) -> str | SaveHandle:
         """Write ``session``'s state to ``f"{save_path}-{global_step}"`` (or ``save_path``).
 
-        Returns the checkpoint's path, or with ``blocking=False`` a handle (``done()``,
+        Returns the checkpoint's path, or with ``blocking=False`` a ``SaveHandle`` (``done()``,
         ``result()``) as soon as the state is staged; the write goes on in the background.
         ``global_step`` only names the file: the payload holds ``session.global_step``.
 
@@ -145,24 +178,33 @@ class Saver:
         """
         path = self._checkpoint_path(save_path, global_step)
         directory = os.path.dirname(os.path.abspath(path))
-        if not os.path.isdir(directory):
+        if not self._storage.is_directory(directory):
             raise ValueError(f"Parent directory of {path} doesn't exist, can't save.")
         state = session.state_dict()
         # Before anything is staged or written: a value weights_only loading refuses would make
         # this checkpoint, and every later one, unrestorable.
         check_payload(state)
-        self._wait_for_previous(path)
-        self._open_directory(directory)
+        self._in_flight.wait_for_previous(path)
         prefix = None if global_step is None else os.path.basename(os.fspath(save_path))
-        self._vet_adopted(directory, prefix)
+        self._open_directory(directory, prefix)
         payload, fence = self._staging.stage(state)
         if fence.on_device:
-            session._protect_until_copied(fence, coarse=_on_device(state["extra_state"]))
-        saved_at = self._clock()  # the save's time is the call's, as in TensorFlow
-        handle = start_write(path, lambda: self._write(path, payload, fence, saved_at, prefix))
-        self._handles = [h for h in self._handles if h.failed() and not h.reported]
-        self._handles.append(handle)
+            session.protect_until_copied(fence, coarse=_on_device(state["extra_state"]))
+        job = _Job(path, directory, prefix, payload, fence, self._clock())
+        handle = start_write(path, functools.partial(self._commit, job))
+        self._in_flight.add(handle)
         return handle.result() if blocking else handle
+
+    def wait_for_previous_save(self, next_name: str | None = None) -> None:
+        """Wait for the save still being written, if any (before saving ``next_name``).
+
+        With ``next_name``, logs that the save interval is shorter than a save takes. A failure
+        of that save is not raised here: its handle reports it.
+
+        Raises:
+            CheckpointSaveError: it is still being written after ``drain_timeout_secs``.
+        """
+        self._in_flight.wait_for_previous(next_name)
 
     def wait_until_finished(self, timeout: float | None = None) -> None:
         """Block until every pending save is durable.
@@ -173,21 +215,16 @@ class Saver:
             CheckpointSaveError: a save failed and no handle has reported it yet (each failure
                 is raised once), or a save is still being written after the timeout.
         """
-        timeout = self._drain_timeout if timeout is None else timeout
-        for handle in list(self._handles):
-            if not (handle.failed() and handle.reported):
-                handle.result(timeout)
-        self._handles = [h for h in self._handles if not h.done()]
+        self._in_flight.drain(timeout)
 
     def restore(self, session: Session, save_path: str) -> None:
         """Load the checkpoint at ``save_path`` into ``session``."""
         if save_path is None:
             raise ValueError("Can't load save_path when it is None.")
-        if not os.path.isfile(save_path):
-            raise ValueError(f"The passed save_path is not a valid checkpoint: {save_path}")
         logger.info("Restoring parameters from %s", save_path)
-        session.load_state_dict(load_checkpoint(save_path))
-        session._restored_from = os.path.abspath(save_path)
+        session.load_state_dict(
+            self._storage.read(save_path), restored_from=os.path.abspath(save_path)
+        )
 
     def recover_last_checkpoints(self, checkpoint_paths: list[str]) -> None:
         """Adopt ``checkpoint_paths`` (oldest first), dropping missing ones; mtimes become ages.
@@ -199,7 +236,7 @@ class Saver:
         recovered = []
         for path in checkpoint_paths:
             try:
-                recovered.append(_Entry(path, os.path.getmtime(path)))
+                recovered.append(Entry(path, self._storage.saved_time(path)))
             except OSError:
                 logger.warning("Checkpoint %s is missing; it is no longer managed.", path)
         with self._lock:
@@ -208,7 +245,7 @@ class Saver:
     def recover_last_checkpoints_from(self, checkpoint_dir: str) -> None:
         """Adopt the list in ``checkpoint_dir``'s state file (a restart resumes retention)."""
         directory = os.path.abspath(checkpoint_dir)
-        state = get_checkpoint_state(directory)
+        state = self._storage.read_state(directory)
         paths = list(state.all_model_checkpoint_paths) if state else []
         outside = [p for p in paths if not inside(p, directory)]
         if outside:
@@ -221,10 +258,13 @@ class Saver:
         self.recover_last_checkpoints([p for p in paths if p not in outside])
         self._recovered_dirs.add(directory)
 
+    # -- the training thread's part --------------------------------------------------------
+
     def _checkpoint_path(self, save_path: str, global_step: int | None) -> str:
         if not isinstance(save_path, (str, os.PathLike)):
             raise TypeError(f"save_path must be a path, got {type(save_path).__qualname__}")
         save_path = os.fspath(save_path)
+        check_int("global_step", global_step, allow_none=True)
         if global_step is None:
             if os.path.basename(save_path) == STATE_FILENAME:
                 raise ValueError(
@@ -232,48 +272,27 @@ class Saver:
                     f"'{save_path}'"
                 )
             return save_path
-        if isinstance(global_step, bool) or not isinstance(global_step, int):
-            raise TypeError(f"global_step must be an int or None, got {global_step!r}")
-        return f"{save_path}-{global_step}"
+        return checkpoint_name(save_path, global_step)
 
-    def _wait_for_previous(self, path: str) -> None:
-        """At most one save in flight: the staging buffers are the previous save's until then."""
-        in_flight = [h for h in self._handles if not h.done()]
-        if not in_flight:
-            return
-        logger.warning(
-            "Saving %s waits for the previous save (%s), which is still being written: the "
-            "save interval is shorter than a save takes.",
-            path,
-            in_flight[0].path,
-        )
-        for handle in in_flight:
-            handle.wait(self._drain_timeout)
+    def _clock(self) -> float:
+        """``time.time()`` at the save call (TensorFlow's save time), shown to retention."""
+        now = time.time()
+        with self._lock:
+            self._retention.observe_clock(now, self._last_checkpoints)
+        return now
 
-    def _open_directory(self, directory: str) -> None:
-        """On the first save into a directory: clean up after a killed save, adopt its list."""
-        if directory not in self._cleaned_dirs:
-            remove_stray_temp_files(directory)
-            self._cleaned_dirs.add(directory)
+    def _open_directory(self, directory: str, prefix: str | None) -> None:
+        """On the first save into a directory: clean up after a killed save, adopt its list.
+
+        Then drop the adopted entries of ``directory`` that this saver may not delete.
+        """
+        if directory not in self._prepared_dirs:
+            self._storage.prepare(directory)
+            self._prepared_dirs.add(directory)
         if directory not in self._recovered_dirs and not self.last_checkpoints:
             self.recover_last_checkpoints_from(directory)
         self._recovered_dirs.add(directory)
-
-    def _clock(self) -> float:
-        """``time.time()``, with the keep-every-N-hours threshold following a clock set back."""
-        now = time.time()
-        if self._last_clock is not None and now < self._last_clock:
-            # The wall clock jumped backwards (NTP, a VM restored). The threshold and the save
-            # times already listed move back with it (as if no time had passed since the last
-            # save, the best a wall clock can tell), or no checkpoint would be kept for as long
-            # as the jump.
-            jump = self._last_clock - now
-            self._next_checkpoint_time -= jump
-            with self._lock:
-                for entry in self._last_checkpoints:
-                    entry.saved_at -= jump
-        self._last_clock = now
-        return now
+        self._vet_adopted(directory, prefix)
 
     def _vet_adopted(self, directory: str, prefix: str | None) -> None:
         """Drop the adopted entries of ``directory`` that this saver may not delete, with a warning.
@@ -286,17 +305,15 @@ class Saver:
         for entry in entries:
             if entry.vetted or not inside(entry.path, directory):
                 continue
-            if not os.path.lexists(entry.path):
+            if not self._storage.exists(entry.path):
                 # Deleted behind the saver's back: it stays listed, as in TensorFlow (the state
                 # file names only existing files), and there is nothing to delete.
                 continue
-            reason = why_not_deletable(entry.path, directory, prefix)
+            reason = self._storage.why_not_deletable(entry.path, directory, prefix)
             if reason is None:
                 entry.vetted, entry.prefix = True, prefix
             else:
                 dropped.append((entry.path, reason))
-        if not dropped:
-            return
         for path, reason in dropped:
             logger.warning(
                 "The state file of %s lists %s, which is not a checkpoint this saver committed "
@@ -305,47 +322,36 @@ class Saver:
                 path,
                 reason,
             )
-        gone = {path_key(path) for path, _ in dropped}
-        with self._lock:
-            self._last_checkpoints = [
-                e for e in self._last_checkpoints if path_key(e.path) not in gone
-            ]
+        if dropped:
+            gone = {path_key(path) for path, _ in dropped}
+            with self._lock:
+                self._last_checkpoints = [
+                    e for e in self._last_checkpoints if path_key(e.path) not in gone
+                ]
 
-    def _write(
-        self,
-        path: str,
-        payload: dict[str, Any],
-        fence: Fence,
-        saved_at: float,
-        prefix: str | None,
-    ) -> None:
-        """The writer thread's part: wait for the staging copies, then commit."""
+    # -- the writer thread's part ----------------------------------------------------------
+
+    def _commit(self, job: _Job) -> None:
+        """Wait for the staging copies; write the file, then the state file, then delete."""
         try:
-            fence.wait_on_host()
-            self._commit(path, payload, saved_at, prefix)
+            job.fence.wait_on_host()
+            self._storage.write(job.path, job.payload)
+            deleted = self._record(Entry(job.path, job.saved_at, job.prefix, vetted=True), job)
+            listed = [p for p in self.last_checkpoints if inside(p, job.directory)]
+            # A managed file deleted behind the saver's back (by a user, with its directory)
+            # stays in the saver's list, as in TensorFlow, but the state file only ever names
+            # existing files.
+            listed = [p for p in listed if p == job.path or self._storage.exists(p)]
+            self._storage.write_state(job.directory, job.path, listed or [job.path])
         except BaseException as err:
-            logger.error("Saving %s failed: %s", path, err)
+            logger.error("Saving %s failed: %s", job.path, err)
             raise
+        for entry in deleted:
+            self._delete(entry, job.directory)
 
-    def _commit(
-        self, path: str, payload: dict[str, Any], saved_at: float, prefix: str | None
-    ) -> None:
-        """Write the file, then the state file, then delete what retention dropped."""
-        write_checkpoint(path, payload)
-        directory = os.path.dirname(os.path.abspath(path))
-        dropped = self._record(_Entry(path, saved_at, prefix, vetted=True), directory)
-        listed = [p for p in self.last_checkpoints if inside(p, directory)]
-        # A managed file deleted behind the saver's back (by a user, with its directory) stays in
-        # the saver's list, as in TensorFlow, but the state file only ever names existing files.
-        listed = [p for p in listed if p == path or os.path.exists(p)]
-        update_checkpoint_state(directory, path, listed or [path])
-        for old in dropped:
-            self._delete(old, directory)
+    def _record(self, entry: Entry, job: _Job) -> list[Entry]:
+        """Append ``entry``; return the entries of its directory that retention deletes.
 
-    def _record(self, entry: _Entry, directory: str) -> list[_Entry]:
-        """Append ``entry``; return the entries of its directory over ``max_to_keep`` to delete.
-
-        Every checkpoint over the limit is dropped at once (TensorFlow dropped one per save).
         The limit is per directory: saving into a second directory never deletes the newest
         checkpoints of the first.
         """
@@ -354,39 +360,31 @@ class Saver:
         with self._lock:
             kept = [e for e in self._last_checkpoints if path_key(e.path) != key]
             kept.append(entry)
-            here = [e for e in kept if inside(e.path, directory)]
-            dropped: list[_Entry] = []
-            while self._max_to_keep and len(here) > self._max_to_keep:
-                old = here.pop(0)
-                kept.remove(old)
-                if old.saved_at > self._next_checkpoint_time:
-                    self._next_checkpoint_time += self._keep_every_secs
-                    if self._next_checkpoint_time <= old.saved_at:
-                        # Behind by more than an interval (a clock that jumped forwards, or
-                        # saves further apart than N hours): one kept per N hours from here,
-                        # not every checkpoint until the threshold catches up.
-                        self._next_checkpoint_time = old.saved_at + self._keep_every_secs
-                    logger.info("Keeping %s (keep_checkpoint_every_n_hours).", old.path)
-                else:
-                    dropped.append(old)
-            self._last_checkpoints = kept
-        return dropped
+            verdict = self._retention.apply([e for e in kept if inside(e.path, job.directory)])
+            for old in verdict.preserved:
+                logger.info("Keeping %s (keep_checkpoint_every_n_hours).", old.path)
+            dropped = {id(e) for e in (*verdict.deleted, *verdict.preserved)}
+            self._last_checkpoints = [e for e in kept if id(e) not in dropped]
+        return verdict.deleted
 
-    @staticmethod
-    def _delete(entry: _Entry, directory: str) -> None:
+    def _delete(self, entry: Entry, directory: str) -> None:
         path = entry.path
-        if not os.path.lexists(path):
+        if not self._storage.exists(path):
             logger.warning("Hit FileNotFoundError when deleting '%s'.", path)
             return
         # Checked again at the last moment: the file may have been replaced since it was listed.
-        reason = why_not_deletable(path, directory, entry.prefix) if entry.vetted else "unvetted"
+        reason = (
+            self._storage.why_not_deletable(path, directory, entry.prefix)
+            if entry.vetted
+            else "it was never checked to be this saver's"
+        )
         if reason is not None:
             logger.warning(
                 "Not deleting %s, which retention dropped from the list: %s.", path, reason
             )
             return
         try:
-            os.remove(path)
+            self._storage.delete(path)
         except FileNotFoundError:
             logger.warning("Hit FileNotFoundError when deleting '%s'.", path)
         except OSError as err:

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from ._saver import Saver
+from ._validation import check_callable, check_type
 
 if TYPE_CHECKING:
     from ._session import Session
@@ -21,14 +22,8 @@ class Scaffold:
     """
 
     def __init__(self, saver: Saver | None = None, init_fn: InitFn | None = None) -> None:
-        if saver is not None and not isinstance(saver, Saver):
-            raise TypeError(f"saver must be a Saver or None, got {type(saver).__qualname__}")
-        if init_fn is not None and not callable(init_fn):
-            raise TypeError(
-                "init_fn must be a callable taking (scaffold, session) or None, "
-                f"got {type(init_fn).__qualname__}"
-            )
-        self.saver = saver
+        self.saver = check_type("saver", saver, Saver, "a Saver", allow_none=True)
+        check_callable("init_fn", init_fn, "a callable taking (scaffold, session)", allow_none=True)
         self.init_fn = init_fn
 
     def get_saver(self) -> Saver:

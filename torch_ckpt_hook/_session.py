@@ -13,6 +13,7 @@ import torch
 
 from ._inplace_guard import InplaceGuard
 from ._rng import get_rng_state, set_rng_state
+from ._validation import check_int
 
 if TYPE_CHECKING:
     from ._copy_engine import Fence
@@ -30,11 +31,7 @@ def _type_name(value: object) -> str:
 
 
 def check_global_step(value: object, name: str = "global_step") -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {value!r} of type {_type_name(value)}")
-    if value < 0:
-        raise ValueError(f"{name} must be >= 0, got {value}")
-    return value
+    return check_int(name, value, minimum=0)
 
 
 def check_extra_state(extra_state: object) -> dict[str, Any]:
@@ -164,8 +161,13 @@ class Session:
             "rng": get_rng_state(),
         }
 
-    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+    def load_state_dict(
+        self, state_dict: Mapping[str, Any], *, restored_from: str | None = None
+    ) -> None:
         """Restore everything in the payload: model, optimizer, extra state, step and RNG states.
+
+        ``restored_from`` names the checkpoint the payload came from (``Saver.restore`` passes
+        it); it becomes ``restored_from`` once the load succeeded.
 
         All or nothing: the payload is checked against the session before anything changes (the
         model's keys and shapes included), and if a load still fails part-way (an extra-state
@@ -200,7 +202,7 @@ class Session:
                     # back, and the original error is the one that propagates.
                     logger.exception("Could not put back a state while undoing a failed restore")
             raise
-        self._restored_from = None
+        self._restored_from = restored_from
         self._global_step = state_dict["global_step"]
 
     def _check_model_state(self, model_state: object) -> None:
@@ -231,7 +233,11 @@ class Session:
                 "nothing was loaded"
             )
 
-    def _protect_until_copied(self, fence: Fence, *, coarse: bool) -> None:
+    def clear_restored_from(self) -> None:
+        """Forget the checkpoint last restored (a runner re-creating the session calls it)."""
+        self._restored_from = None
+
+    def protect_until_copied(self, fence: Fence, *, coarse: bool) -> None:
         """Make the next in-place update of a saved tensor wait on the device for ``fence``."""
         self._guard.arm(fence, coarse=coarse)
 

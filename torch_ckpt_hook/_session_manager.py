@@ -99,7 +99,7 @@ def prepare_session(
         CheckpointCorruptedError: the directory holds checkpoints and every one is damaged.
         CheckpointUnloadableError: the newest checkpoint that is not damaged cannot be loaded.
     """
-    session._restored_from = None
+    session.clear_restored_from()
     if checkpoint_filename_with_path is not None:
         scaffold.get_saver().restore(session, checkpoint_filename_with_path)
         return checkpoint_filename_with_path

@@ -9,6 +9,8 @@ from collections.abc import Callable, Iterable
 from types import FrameType
 from typing import Any
 
+from ._validation import repr_with_type
+
 logger = logging.getLogger(__name__)
 
 _UNCATCHABLE = frozenset(
@@ -22,7 +24,9 @@ def check_signals(signals: object) -> tuple[signal.Signals, ...]:
     if isinstance(signals, (int, signal.Signals)):
         signals = (signals,)
     if not isinstance(signals, Iterable):
-        raise TypeError(f"stop_on_signals must be a tuple of signals, got {signals!r}")
+        raise TypeError(
+            f"stop_on_signals must be a tuple of signals, got {repr_with_type(signals)}"
+        )
     result = []
     for sig in signals:
         try:

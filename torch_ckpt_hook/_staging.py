@@ -38,6 +38,7 @@ from ._copy_engine import (
     HostCopyEngine,
     group_by_device,
 )
+from ._messages import error_line
 from ._payload_check import MAX_DEPTH, Attr, Member, format_path, plain_dense, type_name
 
 _Path = tuple[Any, ...]
@@ -241,7 +242,7 @@ def _rebuilt(obj: Any, path: _Path, make: Callable[[], Any]) -> Any:
     except Exception as err:
         raise TypeError(
             f"cannot stage {format_path(path)}: a {type_name(type(obj))} could not be copied "
-            f"({type(err).__name__}: {err}); store a tensor or a Python number/str/list/dict "
+            f"({error_line(err)}); store a tensor or a Python number/str/list/dict "
             "instead"
         ) from err
 

@@ -4,14 +4,7 @@ from __future__ import annotations
 
 import time
 
-
-def _check_interval(name: str, value: float | None) -> None:
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number or None, got {value!r}")
-    if value < 0:
-        raise ValueError(f"{name} must be >= 0, got {value!r}")
+from ._validation import check_number
 
 
 class SecondOrStepTimer:
@@ -35,8 +28,11 @@ class SecondOrStepTimer:
             raise ValueError("Either every_secs or every_steps should be provided.")
         if every_secs is not None and every_steps is not None:
             raise ValueError("Can not provide both every_secs and every_steps.")
-        _check_interval("every_secs", every_secs)
-        _check_interval("every_steps", every_steps)
+        # 0 is accepted, as in TensorFlow; a negative interval, which TensorFlow took, is not.
+        if every_secs is not None:
+            check_number("every_secs", every_secs, minimum=0)
+        if every_steps is not None:
+            check_number("every_steps", every_steps, minimum=0)
         self._every_secs = every_secs
         self._every_steps = every_steps
 

@@ -13,6 +13,7 @@ from ._checkpoint_hook import CheckpointSaverHook
 from ._hooks import SessionRunHook
 from ._monitored import MonitoredSession, _check_hooks, _check_path
 from ._scaffold import Scaffold
+from ._validation import check_bool, check_number
 
 
 class _UseDefault:
@@ -25,14 +26,13 @@ DEFAULT_SAVE_CHECKPOINT_SECS = 600
 
 
 def _resolve_is_chief(is_chief: bool | None) -> bool:
-    if is_chief is None:
+    chief = check_bool("is_chief", is_chief, allow_none=True)
+    if chief is None:
         dist = torch.distributed
         if dist.is_available() and dist.is_initialized():
             return dist.get_rank() == 0
         return True
-    if not isinstance(is_chief, bool):
-        raise TypeError(f"is_chief must be a bool or None, got {is_chief!r}")
-    return is_chief
+    return chief
 
 
 def _resolve_intervals(secs: Any, steps: Any) -> tuple[float | None, int | None]:
@@ -52,11 +52,9 @@ def _resolve_intervals(secs: Any, steps: Any) -> tuple[float | None, int | None]
 
 
 def _positive(value: Any, name: str) -> bool:
-    if value is None:
-        return False
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number or None, got {value!r}")
-    return value > 0
+    """Whether an interval asks for its hook: ``None`` and non-positive numbers do not (TF)."""
+    interval = check_number(name, value, allow_none=True)
+    return interval is not None and interval > 0
 
 
 def MonitoredTrainingSession(

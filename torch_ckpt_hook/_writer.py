@@ -21,6 +21,7 @@ from concurrent import futures
 from concurrent.futures import Future
 
 from ._errors import CheckpointSaveError
+from ._messages import error_line
 
 
 class SaveHandle:
@@ -72,11 +73,7 @@ class SaveHandle:
         self.reported = True
         if isinstance(error, CheckpointSaveError):
             raise error
-        raise CheckpointSaveError(f"Saving {self.path} failed: {_describe(error)}") from error
-
-
-def _describe(err: BaseException) -> str:
-    return f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
+        raise CheckpointSaveError(f"Saving {self.path} failed: {error_line(error)}") from error
 
 
 # How much nicer than training the writer thread runs (0 to 19; 10 is `nice`'s default).

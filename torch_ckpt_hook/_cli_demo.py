@@ -1,8 +1,9 @@
 """The ``torch-ckpt demo`` job: a small model trained with checkpoints, that resumes when rerun.
 
-Step N's batch is drawn from a generator seeded with N, so the data depends only on the global
-step: a run stopped at step 300 and resumed to 400 sees the batches a straight run to 400 sees,
-and (with the RNG states the checkpoint carries) ends with the same weights.
+Used by the ``torch-ckpt`` command only. Step N's batch is drawn from a generator seeded with N,
+so the data depends only on the global step: a run stopped at step 300 and resumed to 400 sees
+the batches a straight run to 400 sees, and (with the RNG states the checkpoint carries) ends
+with the same weights.
 """
 
 from __future__ import annotations
@@ -14,18 +15,20 @@ import os
 import signal
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, TextIO
 
 import torch
 
 from ._basic_hooks import NanTensorHook, StopAtStepHook
+from ._checkpoint_dir import latest_checkpoint
 from ._cli_format import ConsoleHandler
 from ._errors import CheckpointError
 from ._hooks import SessionRunHook
+from ._messages import error_line
 from ._progress import ProgressBarHook
-from ._state_file import latest_checkpoint
 from ._training import MonitoredTrainingSession
+from ._validation import check_int
 
 if TYPE_CHECKING:
     from ._coordinator import Coordinator
@@ -71,6 +74,10 @@ def make_model() -> torch.nn.Module:
         torch.nn.ReLU(),
         torch.nn.Linear(_HIDDEN, 1),
     )
+
+
+Batches = Callable[[int], tuple[torch.Tensor, torch.Tensor]]
+"""Step N's batch: inputs and targets, from the global step alone."""
 
 
 def batch_for_step(step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -123,26 +130,31 @@ def run_demo(
     *,
     save_every: int = DEFAULT_SAVE_EVERY,
     out: TextIO,
+    batches: Batches = batch_for_step,
 ) -> DemoResult:
     """Train to global step ``steps``, checkpointing into ``checkpoint_dir`` every ``save_every``.
 
     Messages for the user go to ``out``; progress goes to a ``ProgressBarHook``. Ctrl-C (and
     SIGTERM) stops after the current step and writes a final checkpoint, so a rerun resumes.
+
+    Args:
+        batches: step N's batch (``batch_for_step``; a test gives one that yields a NaN loss).
     """
-    for name, value in (("steps", steps), ("save_every", save_every)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    check_int("steps", steps, minimum=1)
+    check_int("save_every", save_every, minimum=1)
     # The model is far too small for intra-op threads: syncing them costs more than they save,
     # ten times more on a busy 2-core machine.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _train(checkpoint_dir, steps, save_every, out)
+        return _train(checkpoint_dir, steps, save_every, out, batches)
     finally:
         torch.set_num_threads(threads)
 
 
-def _train(checkpoint_dir: str, steps: int, save_every: int, out: TextIO) -> DemoResult:
+def _train(
+    checkpoint_dir: str, steps: int, save_every: int, out: TextIO, batches: Batches
+) -> DemoResult:
     model = make_model()
     optimizer = torch.optim.AdamW(model.parameters(), lr=_LR)
 
@@ -174,14 +186,15 @@ def _train(checkpoint_dir: str, steps: int, save_every: int, out: TextIO) -> Dem
         if isinstance(err, CheckpointError) or latest_checkpoint(checkpoint_dir) is None:
             raise
         raise DemoError(
-            f"{checkpoint_dir} holds checkpoints of a different model ({_one_line(err)}); "
+            f"{checkpoint_dir} holds checkpoints of a different model "
+            f"({error_line(err, with_type=False, limit=200)}); "
             "use an empty --dir"
         ) from err
     with session as sess:
         # Checked here, not left to StopAtStepHook: as in TensorFlow, it would run one step.
         if sess.global_step < steps:
             while not sess.should_stop():
-                result = sess.run(train_step, *batch_for_step(sess.global_step))
+                result = sess.run(train_step, *batches(sess.global_step))
                 losses.append(result["loss"].item())
     seconds = time.perf_counter() - began
     final = sess.global_step
@@ -204,17 +217,13 @@ def _train(checkpoint_dir: str, steps: int, save_every: int, out: TextIO) -> Dem
     )
 
 
-def _one_line(err: BaseException, limit: int = 200) -> str:
-    text = " ".join(str(err).split()) or type(err).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 @contextlib.contextmanager
 def demo_logging(stream: TextIO) -> Iterator[None]:
     """Show the package's INFO lines (saves, steps/s, progress) for the demo, above a tqdm bar.
 
     Only the lines below WARNING: the ``torch-ckpt`` command reports warnings itself, with its
-    prefix.
+    prefix. TensorFlow's lines about checkpoint listeners are left out (``QUIET_LOGGERS``): the
+    demo has no listeners, so they say nothing.
     """
     package_logger = logging.getLogger(__package__)
     handler = ConsoleHandler(logging.Formatter("%(message)s"), stream)
@@ -229,9 +238,9 @@ def demo_logging(stream: TextIO) -> Iterator[None]:
         package_logger.setLevel(level)
 
 
+QUIET_LOGGERS = frozenset({f"{__package__}._checkpoint_hook.tensorflow"})
+"""Loggers whose lines the demo leaves out: ``CheckpointSaverHook``'s TensorFlow lines."""
+
+
 def _demo_lines(record: logging.LogRecord) -> bool:
-    # TensorFlow's listener lines say nothing when, as in the demo, there is no listener.
-    return record.levelno < logging.WARNING and not str(record.msg).startswith(_QUIET_PREFIXES)
-
-
-_QUIET_PREFIXES = ("Calling checkpoint listeners", "Create CheckpointSaverHook")
+    return record.levelno < logging.WARNING and record.name not in QUIET_LOGGERS

@@ -1,30 +1,29 @@
-"""Which files of a directory are checkpoints, and what ``torch-ckpt ls`` says of each."""
+"""Which files of a directory are checkpoints, and what ``torch-ckpt ls`` says of each.
+
+Used by the ``torch-ckpt`` command only.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import os
 
-from ._checkpoint_dir import RestoreChoice, restore_choice
+from ._checkpoint_dir import (
+    CHECKPOINT_NAME,
+    RestoreChoice,
+    find_checkpoints,
+    latest_checkpoint,
+    restore_choice,
+    step_of,
+)
 from ._checkpoint_file import CheckpointProblem, check_checkpoint
 from ._cli_format import printable, timestamp
 from ._fsutil import is_temp_file, path_key, same_path
 from ._integrity import ProblemKind
-from ._state_file import (
-    _CHECKPOINT_NAME,
-    STATE_FILENAME,
-    find_checkpoints,
-    get_checkpoint_state,
-    latest_checkpoint,
-)
+from ._messages import os_error_reason
+from ._state_file import STATE_FILENAME, get_checkpoint_state
 
 DEFAULT_PREFIX = "model.ckpt"
-
-
-def step_of(path: str) -> int | None:
-    """The step a checkpoint's name ends with (``model.ckpt-300``: 300), or None."""
-    m = _CHECKPOINT_NAME.fullmatch(os.path.basename(path))
-    return None if m is None else int(m["step"])
 
 
 def checkpoint_paths(directory: str) -> list[str]:
@@ -46,12 +45,12 @@ def checkpoint_paths(directory: str) -> list[str]:
     paths += [path for _step, path in find_checkpoints(directory)]
     prefixes = {DEFAULT_PREFIX}
     for path in paths:
-        m = _CHECKPOINT_NAME.fullmatch(os.path.basename(path))
+        m = CHECKPOINT_NAME.fullmatch(os.path.basename(path))
         if m is not None:
             prefixes.add(m["prefix"])
     with os.scandir(directory) as entries:
         for entry in entries:
-            m = _CHECKPOINT_NAME.fullmatch(entry.name)
+            m = CHECKPOINT_NAME.fullmatch(entry.name)
             if (
                 m is not None
                 and m["prefix"] in prefixes
@@ -120,7 +119,7 @@ def list_checkpoints(directory: str) -> tuple[list[Listed], RestoreChoice]:
         except OSError as err:
             size, mtime = None, None
             problem = problem or CheckpointProblem(
-                "unreadable", f"unreadable: {err.strerror or err}"
+                "unreadable", f"unreadable: {os_error_reason(err)}"
             )
         else:
             mtime = stat.st_mtime

@@ -1,5 +1,7 @@
 """What ``torch-ckpt inspect`` says of a checkpoint's payload: tensors, optimizer, RNG states.
 
+Used by the ``torch-ckpt`` command only.
+
 A payload comes from any file that loads with ``weights_only=True``, so nothing here assumes
 the shape this package writes: every part is type-checked, and what does not fit is reported in
 the document's ``problems`` rather than raised.
@@ -16,6 +18,7 @@ from typing import Any
 import torch
 
 from ._cli_format import count, printable
+from ._validation import is_number
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,9 +163,7 @@ def _number(value: Any) -> float | None:
     """A float for an int, a float or a one-element tensor (a tensor LR); None otherwise."""
     if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_sparse:
         value = value.item()
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    return float(value)
+    return float(value) if is_number(value) else None
 
 
 def guess_optimizer_type(group: Mapping[str, Any]) -> str:
