@@ -14,7 +14,6 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import sys
 import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ from typing import TYPE_CHECKING
 
 from ._checkpoint_dir import checkpoint_name, latest_checkpoint
 from ._errors import CheckpointSaveError
+from ._faults import Failures
 from ._fsutil import same_path
 from ._hooks import SessionRunContext, SessionRunHook, SessionRunValues
 from ._listeners import CheckpointSaverListener
@@ -52,65 +52,6 @@ class _PendingSave:
     may_stop: bool
     # The listeners whose before_save(step) returned: they, and only they, get after_save(step).
     listeners: list[CheckpointSaverListener] = field(default_factory=list)
-
-
-def _add_note(err: BaseException, note: str) -> None:
-    if sys.version_info >= (3, 11):
-        err.add_note(note)
-    else:  # the attribute 3.11's add_note() sets; pytest and exceptiongroup show it on 3.10
-        err.__dict__.setdefault("__notes__", []).append(note)
-
-
-class _Failures:
-    """The errors met during one hook call; the first is raised once the call's work is done.
-
-    Raising at once would leave a save half-done: listeners that got ``before_save`` and no
-    ``after_save``, pending saves popped and never reported, the next trigger skipped. Each
-    error is raised, or logged when another was raised in its place, exactly once.
-    """
-
-    def __init__(self) -> None:
-        self._errors: list[Exception] = []
-
-    def __bool__(self) -> bool:
-        return bool(self._errors)
-
-    def add(self, err: Exception) -> None:
-        if not any(err is seen for seen in self._errors):
-            self._errors.append(err)
-
-    def listener_failed(
-        self, err: Exception, listener: CheckpointSaverListener, call: str, outcome: str
-    ) -> None:
-        """Record ``err``, raised by ``listener.call``, with a note naming both and ``outcome``."""
-        try:
-            _add_note(err, f"Raised by {listener!r}.{call} in CheckpointSaverHook; {outcome}.")
-        except Exception:  # a __notes__ that is not a list: the error still propagates
-            logger.debug("Could not add a note to %r", err, exc_info=True)
-        self.add(err)
-
-    def note_first(self, note: str) -> None:
-        if self._errors:
-            try:
-                _add_note(self._errors[0], note)
-            except Exception:
-                logger.debug("Could not add a note to %r", self._errors[0], exc_info=True)
-
-    def raise_first(self) -> None:
-        """Raise the first error, after logging the others; do nothing when there is none."""
-        if not self._errors:
-            return
-        first, *others = self._errors
-        self._errors = []
-        for other in others:
-            logger.error(
-                "CheckpointSaverHook: %s: %s (logged, not raised: %s was raised first)",
-                type(other).__name__,
-                other,
-                type(first).__name__,
-                exc_info=other,
-            )
-        raise first
 
 
 def _check_listeners(listeners: object) -> list[CheckpointSaverListener]:
@@ -219,7 +160,7 @@ class CheckpointSaverHook(SessionRunHook):
 
     def begin(self) -> None:
         check_writable_dir(self._checkpoint_dir)
-        failures = _Failures()
+        failures = Failures()
         for listener in self._listeners:
             try:
                 listener.begin()
@@ -230,7 +171,7 @@ class CheckpointSaverHook(SessionRunHook):
         failures.raise_first()
 
     def after_create_session(self, session: Session, coord: Coordinator) -> None:
-        failures = _Failures()
+        failures = Failures()
         self._poll(session, failures)
         global_step = session.global_step
         # The state may be what was just restored from the newest checkpoint: re-saving it only
@@ -253,14 +194,14 @@ class CheckpointSaverHook(SessionRunHook):
         failures.raise_first()
 
     def before_run(self, run_context: SessionRunContext) -> None:
-        failures = _Failures()
+        failures = Failures()
         self._poll(run_context.session, failures)
         failures.raise_first()
         return None
 
     def after_run(self, run_context: SessionRunContext, run_values: SessionRunValues) -> None:
         session = run_context.session
-        failures = _Failures()
+        failures = Failures()
         # An earlier save's failure or a listener's error must not cost this step its save.
         self._poll(session, failures)
         global_step = session.global_step
@@ -276,7 +217,7 @@ class CheckpointSaverHook(SessionRunHook):
         failures.raise_first()
 
     def end(self, session: Session) -> None:
-        failures = _Failures()
+        failures = Failures()
         # Settle the save in flight first: if it failed, its step is saved again below.
         settled = self._wait_for_in_flight(failures)
         self._poll(session, failures)
@@ -321,11 +262,11 @@ class CheckpointSaverHook(SessionRunHook):
         the saves around it; a listener's error is raised the same way. Waiting is bounded by
         the saver's ``drain_timeout_secs``.
         """
-        failures = _Failures()
+        failures = Failures()
         self._wait_until_finished(failures)
         failures.raise_first()
 
-    def _wait_until_finished(self, failures: _Failures) -> None:
+    def _wait_until_finished(self, failures: Failures) -> None:
         if not self._wait_for_in_flight(failures):
             return  # the saver would time out again on the same write
         if self._session is not None:
@@ -335,7 +276,7 @@ class CheckpointSaverHook(SessionRunHook):
         except Exception as err:
             failures.add(err)
 
-    def _wait_for_in_flight(self, failures: _Failures, next_step: int | None = None) -> bool:
+    def _wait_for_in_flight(self, failures: Failures, next_step: int | None = None) -> bool:
         """Wait for the save still being written; False when it still is after the timeout.
 
         The saver owns the wait; with ``next_step`` (a save about to start) it warns that the
@@ -360,7 +301,7 @@ class CheckpointSaverHook(SessionRunHook):
     def _checkpoint_path(self, step: int) -> str:
         return checkpoint_name(self._save_path, step)
 
-    def _save(self, session: Session, step: int, *, may_stop: bool, failures: _Failures) -> None:
+    def _save(self, session: Session, step: int, *, may_stop: bool, failures: Failures) -> None:
         """Save ``step`` between the listeners' calls; errors go to ``failures``, never raised."""
         if not self._finish_previous_save(session, step, failures):
             return
@@ -405,7 +346,7 @@ class CheckpointSaverHook(SessionRunHook):
             ) from missing
         return self._get_saver().save(session, self._save_path, global_step=step, blocking=False)
 
-    def _finish_previous_save(self, session: Session, step: int, failures: _Failures) -> bool:
+    def _finish_previous_save(self, session: Session, step: int, failures: Failures) -> bool:
         """Wait for a save still being written, and run its ``after_save``, before the next one.
 
         The saver would wait anyway (one save in flight); waiting here, before ``before_save``,
@@ -418,7 +359,7 @@ class CheckpointSaverHook(SessionRunHook):
         self._poll(session, failures)
         return settled
 
-    def _poll(self, session: Session, failures: _Failures) -> None:
+    def _poll(self, session: Session, failures: Failures) -> None:
         """Run ``after_save`` for every save that is durable; collect a failed one."""
         self._session = session
         while self._pending and self._pending[0].handle.done():
