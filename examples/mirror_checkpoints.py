@@ -1,9 +1,11 @@
 """A listener that copies each committed checkpoint to a second directory (a backup disk).
 
-``after_save`` runs once the checkpoint is durable, on the training thread: with the default
-``async_save=True`` that is at the first hook call after the background write committed, so
-the file it copies is always complete. The copy is made durable and renamed into place the same
-way (temporary file, fsync, rename, fsync of the directory), so the mirror never holds a
+``after_save`` runs once the checkpoint is durable, on the training thread, so the file it
+copies is always complete. The listener only needs the file, not the state of the step it was
+saved at, so it sets ``run_after_commit = True``: the save stays asynchronous (training does not
+wait for the disk at the save step) and ``after_save`` runs at the first hook call after the
+background write committed. The copy is made durable and renamed into place the same way
+(temporary file, fsync, rename, fsync of the directory), so the mirror never holds a
 half-written checkpoint either; it keeps the source file's permissions.
 
 Training waits while ``after_save`` copies. That is fine for a small model and a local disk; a
@@ -30,6 +32,9 @@ _TEMP_PREFIX = ".mirror-tmp-"
 
 class MirrorListener(tch.CheckpointSaverListener):
     """Copies each checkpoint saved into ``checkpoint_dir`` to ``mirror_dir`` after the save."""
+
+    # Uses the file only: no need to hold training at the save step until the write commits.
+    run_after_commit = True
 
     def __init__(self, checkpoint_dir: str, mirror_dir: str) -> None:
         self.checkpoint_dir = checkpoint_dir

@@ -24,6 +24,7 @@ import torch
 from conftest import FakeClock, call_within, make_train_step
 
 from torch_ckpt_hook import (
+    BestCheckpointSaverHook,
     CheckpointCorruptedError,
     CheckpointSaverHook,
     CheckpointUnloadableError,
@@ -299,9 +300,7 @@ def test_a_runner_refuses_two_checkpoint_hooks_writing_one_prefix_into_one_direc
 ) -> None:
     model, optimizer = _model_and_optimizer()
     mine = CheckpointSaverHook(str(tmp_path), save_steps=10)
-    with pytest.raises(
-        ValueError, match=r"two CheckpointSaverHooks that write .*model\.ckpt-<step>"
-    ):
+    with pytest.raises(ValueError, match=r"two checkpoint hooks that write .*model\.ckpt-<step>"):
         MonitoredTrainingSession(
             model, optimizer, checkpoint_dir=str(tmp_path), save_checkpoint_steps=5, hooks=[mine]
         )
@@ -635,3 +634,55 @@ def test_a_runner_that_fails_at_creation_still_commits_its_creation_save(tmp_pat
     assert [] == writers, "the creation save was drained before the error propagated"
     assert str(tmp_path / "model.ckpt-0") == latest_checkpoint(str(tmp_path))
     assert 0 == load_checkpoint(tmp_path / "model.ckpt-0")["global_step"]
+
+
+# -- several series in one directory (best checkpoints, issue 13) ---------------------------------
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_looking_for_other_series_state_files_never_hangs_on_odd_files(tmp_path: Path) -> None:
+    """The fallback reads small non-checkpoint files as state files: none of these may hang it."""
+    saver = Saver()
+    path = saver.save(Session(torch.nn.Linear(2, 1)), str(tmp_path / "model.ckpt"), 1)
+    (tmp_path / "checkpoint").unlink()
+    os.mkfifo(tmp_path / "best_checkpoint")
+    (tmp_path / "zeros").symlink_to("/dev/zero")
+    (tmp_path / "big").write_bytes(b"x" * (2 << 20))
+    (tmp_path / "binary").write_bytes(bytes(range(256)))
+
+    assert path == call_within(10, lambda: latest_checkpoint(str(tmp_path)))
+
+
+def test_a_regular_run_never_restores_or_deletes_a_best_checkpoint(tmp_path: Path) -> None:
+    """Killed before its first state file, the regular series must not resume from the best."""
+    model, optimizer = torch.nn.Linear(3, 1), None
+    hooks = [BestCheckpointSaverHook(tmp_path, "loss")]
+    with SingularMonitoredSession(model, hooks=hooks) as sess:
+        for _ in range(3):
+            sess.run(lambda: {"loss": 1.0 / (1 + sess.global_step)})
+    best = {p.name for p in tmp_path.glob("best.ckpt-*")}
+
+    with SingularMonitoredSession(
+        torch.nn.Linear(3, 1),
+        optimizer,
+        checkpoint_dir=str(tmp_path),
+        hooks=[CheckpointSaverHook(str(tmp_path), save_steps=1, saver=Saver(max_to_keep=1))],
+    ) as sess:
+        assert sess.raw_session().restored_from is None
+        for _ in range(4):
+            sess.run(lambda: None)
+
+    assert best == {p.name for p in tmp_path.glob("best.ckpt-*")}
+    assert ["model.ckpt-4"] == [p.name for p in tmp_path.glob("model.ckpt-*")]
+
+
+def test_a_best_hook_and_a_checkpoint_hook_writing_one_prefix_are_refused(tmp_path: Path) -> None:
+    from torch_ckpt_hook import BestCheckpointSaverHook
+
+    model, optimizer = _model_and_optimizer()
+    hooks = [
+        CheckpointSaverHook(str(tmp_path), save_steps=1),
+        BestCheckpointSaverHook(str(tmp_path), "loss", checkpoint_basename="model.ckpt"),
+    ]
+    with pytest.raises(ValueError, match=r"would overwrite and prune each other"):
+        MonitoredSession(model, optimizer, hooks=hooks)

@@ -277,6 +277,9 @@ def latest_or_none(directory: pathlib.Path) -> str | None:
 
 
 class TimingListener(CheckpointSaverListener):
+    # The save stays asynchronous: after_save at the first hook call after the commit.
+    run_after_commit = True
+
     def __init__(self, model: torch.nn.Module, log: list[tuple[str, int, bool]]) -> None:
         self.model = model
         self.log = log
@@ -442,6 +445,9 @@ def test_the_writer_thread_runs_at_a_lower_cpu_priority_than_training(
 
 
 class OrderListener(CheckpointSaverListener):
+    # The save stays asynchronous: after_save at the first hook call after the commit.
+    run_after_commit = True
+
     def __init__(self, directory: pathlib.Path) -> None:
         self.directory = directory
         self.calls: list[str] = []

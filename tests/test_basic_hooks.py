@@ -179,17 +179,34 @@ def test_stop_at_step_counts_optimizer_steps(session: Session) -> None:
     assert (3, 3) == (runs, session.global_step)
 
 
-def test_stop_at_step_requests_stop_only_after_a_run(session: Session) -> None:
+@pytest.mark.parametrize(("restored_step", "last_step"), [(10, 5), (5, 5)])
+def test_stop_at_step_created_at_or_past_its_last_step_stops_before_any_run(
+    session: Session, restored_step: int, last_step: int
+) -> None:
+    hook = StopAtStepHook(last_step=last_step)
+    hook.begin()
+    session.global_step = restored_step
+    coord = Coordinator()
+    hook.after_create_session(session, coord)
+    assert coord.should_stop(), "a finished run must not train one more step (TF did)"
+
+
+def test_stop_at_step_num_steps_zero_stops_before_any_run(session: Session) -> None:
+    hook = StopAtStepHook(num_steps=0)
+    hook.begin()
+    session.global_step = 7
+    coord = Coordinator()
+    hook.after_create_session(session, coord)
+    assert coord.should_stop()
+
+
+def test_stop_at_step_created_before_its_last_step_does_not_stop(session: Session) -> None:
     hook = StopAtStepHook(last_step=5)
     hook.begin()
-    session.global_step = 10
+    session.global_step = 4
     coord = Coordinator()
     hook.after_create_session(session, coord)
     assert not coord.should_stop()
-    mon_sess = HookedSession(session, [hook])
-    assert not mon_sess.should_stop
-    mon_sess.run()
-    assert mon_sess.should_stop
 
 
 def test_stop_at_step_keeps_its_last_step_after_recovery(session: Session) -> None:

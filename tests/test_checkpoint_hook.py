@@ -171,6 +171,15 @@ def writer_threads(directory: pathlib.Path) -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name.startswith(prefix)]
 
 
+class AfterCommitListener(MockListener):
+    """A ``MockListener`` that opts in to ``after_save`` at the first hook call after the commit."""
+
+    run_after_commit = True
+
+    def __repr__(self) -> str:
+        return f"AfterCommitListener({self.name!r})"
+
+
 class ListenerBug(Exception):
     """The user's own error type: an ``except ListenerBug`` around ``run()`` must still catch it."""
 
@@ -629,9 +638,28 @@ def test_saver_and_scaffold_must_have_their_types(tmp_path: pathlib.Path) -> Non
         CheckpointSaverHook(str(tmp_path), save_steps=1, scaffold=Saver())  # type: ignore[arg-type]
 
 
-def test_a_negative_save_steps_is_rejected_by_the_timer(tmp_path: pathlib.Path) -> None:
-    with pytest.raises(ValueError, match=r"^every_steps must be a non-negative number, got -3$"):
-        CheckpointSaverHook(str(tmp_path), save_steps=-3)
+@pytest.mark.parametrize(
+    ("interval", "error", "message"),
+    [
+        ({"save_steps": -3}, ValueError, r"^save_steps must be a non-negative int, got -3$"),
+        (
+            {"save_steps": 2.5},
+            TypeError,
+            r"^save_steps must be a non-negative int, got 2\.5 \(a float\)$",
+        ),
+        ({"save_secs": -0.5}, ValueError, r"^save_secs must be a non-negative number, got -0\.5$"),
+        (
+            {"save_secs": "10"},
+            TypeError,
+            r"^save_secs must be a non-negative number, got '10' \(a str\)$",
+        ),
+    ],
+)
+def test_a_bad_interval_error_names_the_hooks_argument(
+    tmp_path: pathlib.Path, interval: dict[str, Any], error: type[Exception], message: str
+) -> None:
+    with pytest.raises(error, match=message):
+        CheckpointSaverHook(str(tmp_path), **interval)
 
 
 def test_construction_does_not_touch_the_filesystem(tmp_path: pathlib.Path) -> None:
@@ -1083,11 +1111,11 @@ def test_a_stop_asked_by_the_end_save_is_ignored(tmp_path: pathlib.Path) -> None
 # -- async_save -----------------------------------------------------------------------------------
 
 
-def test_async_after_save_runs_at_the_first_hook_call_after_the_save_is_durable(
+def test_a_run_after_commit_listener_gets_after_save_at_the_first_hook_call_after_the_commit(
     tmp_path: pathlib.Path, deferred_saver: GateOpeningSaver
 ) -> None:
     saver = deferred_saver
-    listener = MockListener()
+    listener = AfterCommitListener()
     hook = CheckpointSaverHook(str(tmp_path), save_steps=2, saver=saver, listeners=[listener])
     hook.begin()
     sess = HookedSession(hook)
@@ -1106,7 +1134,7 @@ def test_a_trigger_while_a_save_is_in_flight_finishes_it_first_so_calls_stay_pai
     tmp_path: pathlib.Path, deferred_saver: GateOpeningSaver
 ) -> None:
     saver = deferred_saver
-    listener = MockListener()
+    listener = AfterCommitListener()
     hook = CheckpointSaverHook(str(tmp_path), save_steps=1, saver=saver, listeners=[listener])
     hook.begin()
     sess = HookedSession(hook)
@@ -1120,7 +1148,7 @@ def test_wait_until_finished_runs_pending_after_save_calls(
     tmp_path: pathlib.Path, deferred_saver: GateOpeningSaver
 ) -> None:
     saver = deferred_saver
-    listener = MockListener()
+    listener = AfterCommitListener()
     hook = CheckpointSaverHook(str(tmp_path), save_steps=2, saver=saver, listeners=[listener])
     hook.begin()
     sess = HookedSession(hook)
@@ -1137,7 +1165,7 @@ def test_an_async_stop_request_outside_after_run_takes_effect_at_the_next_after_
     tmp_path: pathlib.Path, deferred_saver: GateOpeningSaver
 ) -> None:
     saver = deferred_saver
-    listener = MockListener()
+    listener = AfterCommitListener()
     hook = CheckpointSaverHook(str(tmp_path), save_steps=2, saver=saver, listeners=[listener])
     hook.begin()
     sess = HookedSession(hook)
@@ -1596,7 +1624,7 @@ def test_end_saves_the_last_step_after_an_unreported_failure_then_raises_it_once
     tmp_path: pathlib.Path, last_step_failed: bool, held_flaky_saver: GateOpeningSaver
 ) -> None:
     saver = held_flaky_saver
-    listener = MockListener()
+    listener = AfterCommitListener()
     hook = CheckpointSaverHook(str(tmp_path), save_steps=2, saver=saver, listeners=[listener])
     hook.begin()
     sess = HookedSession(hook)
@@ -1668,7 +1696,7 @@ def test_a_monitored_session_whose_background_save_failed_still_commits_the_fina
     tmp_path: pathlib.Path, held_flaky_saver: GateOpeningSaver
 ) -> None:
     model, optimizer = _model_and_optimizer()
-    listener = MockListener()
+    listener = AfterCommitListener()
     hook = CheckpointSaverHook(
         str(tmp_path), save_steps=2, saver=held_flaky_saver, listeners=[listener]
     )
@@ -1687,7 +1715,7 @@ def test_a_monitored_session_whose_background_save_failed_still_commits_the_fina
 def test_end_behind_a_hung_write_waits_for_it_once_and_still_ends_every_listener(
     tmp_path: pathlib.Path,
 ) -> None:
-    listener = MockListener()
+    listener = AfterCommitListener()
     with HungStorage(at_steps(2)) as hung:  # released on the way out, whatever happens
         saver = WaitRecordingSaver(max_to_keep=None, drain_timeout_secs=0.5, storage=hung)
         hook = CheckpointSaverHook(str(tmp_path), save_steps=2, saver=saver, listeners=[listener])
@@ -1745,3 +1773,197 @@ def test_a_clock_jumping_forwards_a_day_saves_once_not_at_every_step(
             clock.advance(24 * 3600)
         sess.run()
     assert [0, 3, 9] == sess.saved_steps(tmp_path)
+
+
+# -- listener timing: run_after_commit (SPEC 5.3) -------------------------------------------------
+
+
+class StateSeeingListener(MockListener):
+    """Records, in ``after_save``, what a TF listener sampling the model would see."""
+
+    def __init__(self, directory: pathlib.Path, name: str = "listener") -> None:
+        super().__init__(name)
+        self.directory = directory
+        self.seen: list[tuple[int, int, bool, bool]] = []
+
+    def after_save(self, session: Session, global_step_value: int) -> bool | None:
+        path = self.directory / f"model.ckpt-{global_step_value}"
+        on_disk = load_checkpoint(str(path))["model"]["weight"]
+        self.seen.append(
+            (
+                global_step_value,
+                session.global_step,
+                latest_checkpoint(str(self.directory)) == str(path),
+                torch.equal(on_disk, session.model.state_dict()["weight"]),
+            )
+        )
+        return super().after_save(session, global_step_value)
+
+
+def test_a_default_listener_gets_after_save_at_the_save_step_with_its_file_and_state(
+    tmp_path: pathlib.Path, deferred_saver: GateOpeningSaver
+) -> None:
+    assert CheckpointSaverListener.run_after_commit is False
+    listener = StateSeeingListener(tmp_path)
+    hook = CheckpointSaverHook(
+        str(tmp_path), save_steps=2, saver=deferred_saver, listeners=[listener]
+    )
+    hook.begin()
+    sess = HookedSession(hook)
+    sess.create()
+    assert [0] == listener.after_save_steps, "the creation save is waited for"
+    sess.run()
+    assert [0] == listener.after_save_steps
+    sess.run()  # step 2: saved, waited for, after_save(2) before after_run returns
+    assert [0, 2] == listener.after_save_steps
+    # (told step, session step, the file is the latest, the model is the file's)
+    assert [(0, 0, True, True), (2, 2, True, True)] == listener.seen
+
+
+def test_a_default_listener_asking_to_stop_stops_at_the_save_step(
+    tmp_path: pathlib.Path, deferred_saver: GateOpeningSaver
+) -> None:
+    listener = MockListener()
+    hook = CheckpointSaverHook(
+        str(tmp_path), save_steps=2, saver=deferred_saver, listeners=[listener]
+    )
+    hook.begin()
+    sess = HookedSession(hook)
+    sess.create()
+    listener.ask_for_stop = True
+    assert not sess.run().stop_requested
+    assert sess.run().stop_requested  # step 2, as in TensorFlow
+    assert 2 == sess.session.global_step
+
+
+@pytest.mark.parametrize("listeners", ["none", "run_after_commit"])
+def test_a_hook_without_default_listeners_never_waits_for_the_disk(
+    tmp_path: pathlib.Path, listeners: str
+) -> None:
+    committed = AfterCommitListener()
+    with GatedStorage() as gate:  # holds every write until the test opens it
+        saver = WaitRecordingSaver(max_to_keep=None, storage=gate)
+        hook = CheckpointSaverHook(
+            str(tmp_path),
+            save_steps=100,
+            saver=saver,
+            listeners=[committed] if listeners == "run_after_commit" else [],
+        )
+        hook.begin()
+        sess = HookedSession(hook)
+        sess.create()
+        for _ in range(3):
+            sess.run()
+        assert [str(tmp_path / "model.ckpt-0")] == gate.held
+        assert [] == gate.writes, "the creation save is still held: nothing waited for it"
+        assert [] == committed.after_save_steps
+        gate.open()
+        hook.wait_until_finished()
+    assert ([0] if listeners == "run_after_commit" else []) == committed.after_save_steps
+
+
+def test_with_a_default_and_a_run_after_commit_listener_both_get_after_save_at_the_save_step(
+    tmp_path: pathlib.Path, deferred_saver: GateOpeningSaver
+) -> None:
+    events: list[str] = []
+    tf_style = MockListener("tf", events)
+    committed = AfterCommitListener("committed", events)
+    hook = CheckpointSaverHook(
+        str(tmp_path), save_steps=1, saver=deferred_saver, listeners=[tf_style, committed]
+    )
+    hook.begin()
+    sess = HookedSession(hook)
+    sess.create()
+    sess.run()
+    assert [
+        "tf.begin",
+        "committed.begin",
+        "tf.before_save 0",
+        "committed.before_save 0",
+        "tf.after_save 0",
+        "committed.after_save 0",
+        "tf.before_save 1",
+        "committed.before_save 1",
+        "tf.after_save 1",
+        "committed.after_save 1",
+    ] == events
+
+
+def test_a_default_listener_whose_before_save_raised_does_not_make_the_save_step_wait(
+    tmp_path: pathlib.Path,
+) -> None:
+    flaky = RaisingListener("flaky", method="before_save", steps={0})
+    with GatedStorage() as gate:
+        saver = WaitRecordingSaver(max_to_keep=None, storage=gate)
+        hook = CheckpointSaverHook(str(tmp_path), save_steps=100, saver=saver, listeners=[flaky])
+        hook.begin()
+        sess = HookedSession(hook)
+        with pytest.raises(ListenerBug):
+            sess.create()
+        assert [] == gate.writes, "no listener is owed an after_save(0): nothing waited"
+        gate.open()
+        hook.wait_until_finished()
+    assert [] == flaky.after_save_steps
+
+
+def test_a_default_listeners_after_save_error_is_raised_at_the_save_step(
+    tmp_path: pathlib.Path, deferred_saver: GateOpeningSaver
+) -> None:
+    flaky = RaisingListener("flaky", method="after_save")
+    hook = CheckpointSaverHook(str(tmp_path), save_steps=2, saver=deferred_saver, listeners=[flaky])
+    hook.begin()
+    sess = HookedSession(hook)
+    with pytest.raises(ListenerBug):
+        sess.create()
+    sess.run()
+    with pytest.raises(ListenerBug) as info:
+        sess.run()  # step 2
+    assert any("after_save(session, 2)" in note for note in notes(info.value))
+    assert [0, 2] == flaky.after_save_steps
+
+
+def test_run_after_commit_must_be_a_bool(tmp_path: pathlib.Path) -> None:
+    class Vague(CheckpointSaverListener):
+        run_after_commit = "yes"  # type: ignore[assignment]
+
+    with pytest.raises(
+        TypeError, match=r"^listeners\[0\]\.run_after_commit must be a bool, got 'yes' \(a str\)$"
+    ):
+        CheckpointSaverHook(str(tmp_path), save_steps=1, listeners=[Vague()])
+
+
+# -- save_after_error (checkpoint_on_error) -------------------------------------------------------
+
+
+def test_save_after_error_commits_the_step_without_listeners_or_retention(
+    tmp_path: pathlib.Path,
+) -> None:
+    listener = MockListener()
+    hook = CheckpointSaverHook(
+        str(tmp_path), save_steps=1, saver=Saver(max_to_keep=2), listeners=[listener]
+    )
+    hook.begin()
+    sess = HookedSession(hook)
+    sess.create()
+    sess.run()
+    hook.wait_until_finished()
+    assert [0, 1] == saved_steps(tmp_path)
+    sess.session.run(sess.train_op)  # step 2, trained outside the hook: unsaved
+    path = hook.save_after_error(sess.session)
+    assert str(tmp_path / "model.ckpt-2") == path
+    assert [0, 1, 2] == saved_steps(tmp_path), "max_to_keep=2 deleted nothing for this save"
+    assert path == latest_checkpoint(str(tmp_path))
+    assert [0, 1] == listener.after_save_steps, "listeners are not called on the way out"
+    assert None is hook.save_after_error(sess.session), "step 2 is saved already"
+
+
+def test_save_after_error_saves_nothing_for_a_step_already_durable(
+    tmp_path: pathlib.Path, deferred_saver: GateOpeningSaver
+) -> None:
+    hook = CheckpointSaverHook(str(tmp_path), save_steps=1, saver=deferred_saver)
+    hook.begin()
+    sess = HookedSession(hook)
+    sess.create()
+    sess.run()  # step 1's save is still held
+    assert None is hook.save_after_error(sess.session)
+    assert [0, 1] == saved_steps(tmp_path)

@@ -75,7 +75,7 @@ def _run(capsys: Capsys, *argv: str, **commands: Any) -> tuple[int, str, str]:
 # -- arguments and help -----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("command", [[], ["ls"], ["inspect"], ["verify"], ["demo"]])
+@pytest.mark.parametrize("command", [[], ["ls"], ["inspect"], ["verify"], ["export"], ["demo"]])
 def test_help_exits_0_and_describes_the_commands(capsys: Capsys, command: list[str]) -> None:
     status, out, err = _run(capsys, *command, "--help")
 
@@ -87,7 +87,7 @@ def test_help_exits_0_and_describes_the_commands(capsys: Capsys, command: list[s
 def test_top_level_help_lists_every_command(capsys: Capsys) -> None:
     _status, out, _err = _run(capsys, "--help")
 
-    for command in ("ls", "inspect", "verify", "demo"):
+    for command in ("ls", "inspect", "verify", "export", "demo"):
         assert f"    {command} " in out
 
 
@@ -102,7 +102,7 @@ def test_version(capsys: Capsys) -> None:
     [
         (
             [],
-            "torch-ckpt: error: expected a command: ls, inspect, verify or demo (see 'torch-ckpt --help')",
+            "torch-ckpt: error: expected a command: ls, inspect, verify, export or demo (see 'torch-ckpt --help')",
         ),
         (["frobnicate"], "torch-ckpt: error: argument COMMAND: invalid choice: 'frobnicate'"),
         (["ls"], "torch-ckpt ls: error: the following arguments are required: DIR"),
@@ -398,6 +398,7 @@ def test_ls_of_a_directory_without_checkpoints_says_so_and_exits_0(
         "restore": None,
         "restore_blocked_by": None,
         "checkpoints": [],
+        "best_checkpoints": None,
     } == json.loads(out)
 
 
@@ -821,7 +822,7 @@ def _write_payload(path: pathlib.Path, **overrides: Any) -> str:
             "optimizer.param_groups holds 2 entries that are not mappings",
         ),
         ({"state": [], "param_groups": []}, "optimizer.state is a list, not a mapping"),
-        ([1, 2], "optimizer is a list, not a mapping"),
+        ("adam", "optimizer is a str, not a mapping or a list of mappings"),
     ],
 )
 def test_inspect_reports_an_optimizer_state_of_another_shape(
@@ -1092,3 +1093,246 @@ def test_an_interrupted_demo_suggests_the_same_command(
         f"Next: 'torch-ckpt ls {directory}' lists the checkpoints; "
         f"'torch-ckpt demo --dir {directory} --steps 10' resumes and trains to step 10."
     ) == out.splitlines()[-1]
+
+
+# -- inspect: values, several optimizers, metrics ---------------------------------------------
+
+
+def _gan_payload() -> dict[str, Any]:
+    """A payload as a GAN's session writes it: two optimizers, a scheduler and plain values."""
+    torch.manual_seed(0)
+    generator, discriminator = torch.nn.Linear(3, 2), torch.nn.Linear(2, 1)
+    opt_g = torch.optim.Adam(generator.parameters(), lr=2e-4, betas=(0.5, 0.999))
+    opt_d = torch.optim.SGD(discriminator.parameters(), lr=0.1, momentum=0.9)
+    discriminator(generator(torch.ones(1, 3))).sum().backward()
+    opt_g.step()
+    opt_d.step()
+    scheduler = torch.optim.lr_scheduler.StepLR(opt_g, step_size=5)
+    return {
+        "format_version": 1,
+        "global_step": 7,
+        "model": generator.state_dict(),
+        "optimizer": [opt_g.state_dict(), opt_d.state_dict()],
+        "extra_state": {
+            "scheduler": scheduler.state_dict(),
+            "meta": {
+                "best_val_loss": 1.25,
+                "config": {"n_layer": 2, "name": "gpt"},
+                "iter_num": None,
+                "vocab": list(range(5000)),
+                "notes": "x" * 3000,
+            },
+        },
+        "rng": {"torch": torch.get_rng_state()},
+    }
+
+
+def test_inspect_shows_the_values_that_are_not_tensors(
+    capsys: Capsys, tmp_path: pathlib.Path
+) -> None:
+    path = _write_payload(tmp_path / "gan-7", **_gan_payload())
+
+    status, out, err = _run(capsys, "inspect", path)
+
+    assert (0, "") == (status, err)
+    rows = {line.split()[0]: line.split(None, 2)[1:] for line in out.splitlines() if line}
+    assert ["float", "1.25"] == rows["extra_state.meta.best_val_loss"]
+    assert ["int", "2"] == rows["extra_state.meta.config.n_layer"]
+    assert ["str", "'gpt'"] == rows["extra_state.meta.config.name"]
+    assert ["None", "None"] == rows["extra_state.meta.iter_num"]
+    assert ["int", "0"] == rows["extra_state.scheduler.last_epoch"]
+    assert ["list", "[0.0002]"] == rows["extra_state.scheduler.base_lrs"]
+    vocab = rows["extra_state.meta.vocab"][1]
+    assert vocab.startswith("[0, 1, 2, "), vocab
+    assert vocab.endswith("... (5,000 items)"), vocab
+    assert rows["extra_state.meta.notes"][1].endswith("... (3,000 chars)")
+    assert all(len(line) < 160 for line in out.splitlines()), "a big value fills one line"
+    assert "rng.torch" in rows, "tensors are still listed"
+    assert "optimizer.0.param_groups.0.lr" not in rows, "the optimizer line summarizes them"
+    assert "global_step" not in rows, "it has its own line"
+
+
+def test_inspect_json_holds_the_values_cut_when_big(capsys: Capsys, tmp_path: pathlib.Path) -> None:
+    path = _write_payload(tmp_path / "gan-7", **_gan_payload())
+
+    status, out, _err = _run(capsys, "inspect", path, "--json")
+
+    assert 0 == status
+    values = {value["name"]: value for value in json.loads(out)["values"]}
+    assert {
+        "name": "extra_state.meta.best_val_loss",
+        "type": "float",
+        "value": 1.25,
+        "length": None,
+        "truncated": False,
+    } == values["extra_state.meta.best_val_loss"]
+    assert "gpt" == values["extra_state.meta.config.name"]["value"]
+    assert None is values["extra_state.meta.iter_num"]["value"]
+    vocab = values["extra_state.meta.vocab"]
+    assert (list(range(100)), 5000, True) == (vocab["value"], vocab["length"], vocab["truncated"])
+    notes = values["extra_state.meta.notes"]
+    assert (1000, 3000, True) == (len(notes["value"]), notes["length"], notes["truncated"])
+
+
+def test_inspect_describes_each_of_several_optimizers(
+    capsys: Capsys, tmp_path: pathlib.Path
+) -> None:
+    path = _write_payload(tmp_path / "gan-7", **_gan_payload())
+
+    status, out, err = _run(capsys, "inspect", path)
+
+    assert (0, "") == (status, err)
+    assert (
+        "Optimizer 0   Adam (inferred from its param groups), 1 param group, lr 0.0002, "
+        "state for 2 parameters"
+    ) in out
+    assert "Optimizer 1   SGD (inferred from its param groups), 1 param group, lr 0.1" in out
+    assert "Problem" not in out
+    assert "optimizer.1.state.0.momentum_buffer" in out
+
+    _status, out, _err = _run(capsys, "inspect", path, "--json")
+    doc = json.loads(out)
+    assert ["Adam", "SGD"] == [optimizer["type"] for optimizer in doc["optimizer"]]
+    assert [] == doc["problems"]
+    assert 8 == doc["totals"]["optimizer"]["tensors"]
+
+
+def test_inspect_names_an_entry_of_an_optimizer_list_that_is_not_a_state_dict(
+    capsys: Capsys, tmp_path: pathlib.Path
+) -> None:
+    sgd = {"state": {}, "param_groups": [{"lr": 0.1, "params": [0]}]}
+    path = _write_payload(tmp_path / "odd-1", optimizer=[sgd, 3])
+
+    status, out, _err = _run(capsys, "inspect", path, "--json")
+
+    assert 0 == status
+    doc = json.loads(out)
+    assert ["optimizer.1 is an int, not a mapping"] == doc["problems"]
+    assert None is doc["optimizer"][1]
+
+
+def test_inspect_shows_a_best_checkpoints_metrics(capsys: Capsys, tmp_path: pathlib.Path) -> None:
+    path = _write_payload(tmp_path / "best.ckpt-3", metrics={"val_loss": 0.25, "acc": 0.5})
+
+    status, out, err = _run(capsys, "inspect", path)
+
+    assert (0, "") == (status, err)
+    assert "Metrics       val_loss 0.25, acc 0.5" in out
+    assert "metrics.val_loss" not in out, "the metrics have their own line"
+
+    _status, out, _err = _run(capsys, "inspect", path, "--json")
+    assert {"val_loss": 0.25, "acc": 0.5} == json.loads(out)["metrics"]
+
+
+def test_inspect_json_has_no_metrics_for_a_regular_checkpoint(
+    capsys: Capsys, tmp_path: pathlib.Path
+) -> None:
+    paths = _save_checkpoints(tmp_path, steps=(5,))
+
+    _status, out, _err = _run(capsys, "inspect", paths[0], "--json")
+
+    doc = json.loads(out)
+    assert (None, []) == (doc["metrics"], doc["values"])
+
+
+# -- ls: best checkpoints ---------------------------------------------------------------------
+
+
+def _save_best(directory: pathlib.Path, losses: dict[int, float]) -> list[str]:
+    """Best checkpoints as BestCheckpointSaverHook writes them: a payload with ``metrics``, and
+    their own state file, ``best_checkpoint``, naming the one with the lowest loss."""
+    from torch_ckpt_hook._checkpoint_file import write_checkpoint
+    from torch_ckpt_hook._state_file import update_checkpoint_state
+
+    session = tch.Session(torch.nn.Linear(3, 2))
+    paths = []
+    for step, loss in losses.items():
+        session.global_step = step
+        path = str(directory / f"best.ckpt-{step}")
+        write_checkpoint(path, {**session.state_dict(), "metrics": {"val_loss": loss}})
+        paths.append(path)
+    best = min(paths, key=lambda p: losses[int(p.rsplit("-", 1)[1])])
+    update_checkpoint_state(directory, best, paths, latest_filename="best_checkpoint")
+    return paths
+
+
+def _without_size_and_time(row: str) -> list[str]:
+    """An ls row's words, less SIZE (two words) and SAVED (two)."""
+    words = row.split()
+    return words[:2] + words[6:]
+
+
+def test_ls_lists_best_checkpoints_apart_and_marks_the_best_with_its_metric(
+    capsys: Capsys, tmp_path: pathlib.Path
+) -> None:
+    _save_checkpoints(tmp_path)
+    _save_best(tmp_path, {20: 0.5, 25: 0.25})
+
+    status, out, err = _run(capsys, "ls", str(tmp_path))
+
+    assert (0, "") == (status, err)
+    lines = out.splitlines()
+    assert ["model.ckpt-10", "model.ckpt-20", "model.ckpt-30"] == [
+        line.split()[0] for line in lines[1:4]
+    ]
+    assert "3 checkpoints, " in lines[4]
+    assert "Best checkpoints (best_checkpoint):" == lines[6]
+    assert lines[7].split() == ["NAME", "STEP", "SIZE", "SAVED", "BEST", "METRICS", "INTEGRITY"]
+    assert ["best.ckpt-20", "20", "val_loss", "0.5", "ok"] == _without_size_and_time(lines[8])
+    assert ["best.ckpt-25", "25", "best", "val_loss", "0.25", "ok"] == _without_size_and_time(
+        lines[9]
+    )
+    assert lines[10].startswith("2 best checkpoints, ")
+    assert lines[10].endswith("; the best: best.ckpt-25 (val_loss 0.25)"), lines[10]
+    assert ["latest", "restore", "ok"] == lines[3].split()[-3:], "the regular series as before"
+
+
+def test_ls_json_holds_the_best_checkpoints(capsys: Capsys, tmp_path: pathlib.Path) -> None:
+    paths = _save_checkpoints(tmp_path)
+    best = _save_best(tmp_path, {20: 0.5, 25: 0.25})
+
+    status, out, _err = _run(capsys, "ls", str(tmp_path), "--json")
+
+    assert 0 == status
+    doc = json.loads(out)
+    assert paths == [c["path"] for c in doc["checkpoints"]]
+    assert (paths[-1], paths[-1]) == (doc["latest"], doc["restore"])
+    series = doc["best_checkpoints"]
+    assert ("best_checkpoint", best[1], {"val_loss": 0.25}) == (
+        series["state_file"],
+        series["best"],
+        series["metrics"],
+    )
+    assert best == [c["path"] for c in series["checkpoints"]]
+    assert [False, True] == [c["best"] for c in series["checkpoints"]]
+    assert [{"val_loss": 0.5}, {"val_loss": 0.25}] == [c["metrics"] for c in series["checkpoints"]]
+    assert [True, True] == [c["intact"] for c in series["checkpoints"]]
+
+
+def test_ls_shows_a_corrupted_best_checkpoint_without_metrics(
+    capsys: Capsys, tmp_path: pathlib.Path
+) -> None:
+    best = _save_best(tmp_path, {20: 0.5, 25: 0.25})
+    _flip_a_byte(best[0])
+
+    status, out, _err = _run(capsys, "ls", str(tmp_path))
+
+    assert 0 == status
+    assert f"No regular checkpoints in {tmp_path}" == out.splitlines()[0]
+    row = next(line for line in out.splitlines() if line.startswith("best.ckpt-20 "))
+    assert ["best.ckpt-20", "20", "-", "CORRUPTED:", "checksum", "mismatch:"] == (
+        _without_size_and_time(row)[:6]
+    ), row
+    assert "2 best checkpoints, " in out
+    assert ", 1 corrupted; the best: best.ckpt-25" in out
+
+
+def test_verify_checks_the_best_checkpoints_too(capsys: Capsys, tmp_path: pathlib.Path) -> None:
+    _save_checkpoints(tmp_path, steps=(10,))
+    best = _save_best(tmp_path, {20: 0.5})
+    _flip_a_byte(best[0])
+
+    status, _out, err = _run(capsys, "verify", str(tmp_path))
+
+    assert 1 == status
+    assert "1 of 2 checkpoints corrupted: best.ckpt-20" in err

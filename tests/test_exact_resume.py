@@ -192,3 +192,107 @@ def test_resuming_from_a_checkpoint_is_bit_identical_to_training_straight(
     straight_payload = tch.load_checkpoint(str(tmp_path / "straight" / f"model.ckpt-{2 * N}"))
     for name, tensor in straight_payload["model"].items():
         assert torch.equal(tensor, payload["model"][name]), f"saved parameter {name} differs"
+
+
+@dataclasses.dataclass
+class Gan:
+    generator: torch.nn.Module
+    discriminator: torch.nn.Module
+    opt_g: torch.optim.Optimizer
+    opt_d: torch.optim.Optimizer
+    # Plain values in extra_state (SPEC §5.3), updated in place by the step.
+    stats: dict[str, Any]
+
+
+def _build_gan(seed: int) -> Gan:
+    torch.manual_seed(seed)
+    generator = torch.nn.Sequential(
+        torch.nn.Linear(4, 16), torch.nn.ReLU(), torch.nn.Dropout(p=0.2), torch.nn.Linear(16, 6)
+    )
+    discriminator = torch.nn.Sequential(
+        torch.nn.Linear(6, 16), torch.nn.LeakyReLU(0.2), torch.nn.Linear(16, 1)
+    )
+    return Gan(
+        generator,
+        discriminator,
+        torch.optim.Adam(generator.parameters(), lr=0.01, betas=(0.5, 0.999)),
+        torch.optim.AdamW(discriminator.parameters(), lr=0.02, betas=(0.5, 0.999)),
+        {"best_d_loss": float("inf"), "d_steps": 0},
+    )
+
+
+def _train_gan(gan: Gan, checkpoint_dir: pathlib.Path, last_step: int) -> int:
+    model = torch.nn.ModuleDict({"g": gan.generator, "d": gan.discriminator})
+    bce = torch.nn.functional.binary_cross_entropy_with_logits
+    with tch.MonitoredTrainingSession(
+        model,
+        [gan.opt_g, gan.opt_d],  # type: ignore[arg-type]
+        checkpoint_dir=str(checkpoint_dir),
+        save_checkpoint_steps=N,
+        log_step_count_steps=0,
+        extra_state={"stats": gan.stats},
+        hooks=[tch.StopAtStepHook(last_step=last_step)],
+    ) as sess:
+
+        def step() -> None:
+            batch = torch.Generator().manual_seed(1000 + sess.global_step)
+            real = torch.randn(8, 6, generator=batch)
+            for _ in range(2):  # the discriminator steps twice per counted generator step
+                fake = gan.generator(torch.randn(8, 4)).detach()
+                gan.opt_d.zero_grad()
+                d_loss = bce(gan.discriminator(real), torch.ones(8, 1)) + bce(
+                    gan.discriminator(fake), torch.zeros(8, 1)
+                )
+                d_loss.backward()
+                gan.opt_d.step()
+                gan.stats["d_steps"] += 1
+                gan.stats["best_d_loss"] = min(gan.stats["best_d_loss"], d_loss.item())
+            gan.opt_g.zero_grad()
+            g_loss = bce(gan.discriminator(gan.generator(torch.randn(8, 4))), torch.ones(8, 1))
+            g_loss.backward()
+            gan.opt_g.step()
+
+        while not sess.should_stop():
+            sess.run(step)
+    return sess.global_step
+
+
+def _assert_same_optimizer(expected: torch.optim.Optimizer, actual: torch.optim.Optimizer) -> None:
+    want, got = expected.state_dict(), actual.state_dict()
+    assert want["param_groups"] == got["param_groups"]
+    assert want["state"], "Adam has state after its steps"
+    for index, state in want["state"].items():
+        for key, value in state.items():
+            assert torch.equal(value, got["state"][index][key]), f"state[{index}][{key!r}] differs"
+
+
+def test_a_gan_with_two_optimizers_resumes_bit_identically(tmp_path: pathlib.Path) -> None:
+    straight = _build_gan(seed=0)
+    _seed_everything(1)
+    assert 2 * N == _train_gan(straight, tmp_path / "straight", last_step=2 * N)
+
+    first = _build_gan(seed=0)
+    _seed_everything(1)
+    assert N == _train_gan(first, tmp_path / "resumed", last_step=N)
+    payload = tch.load_checkpoint(str(tmp_path / "resumed" / f"model.ckpt-{N}"))
+    assert 2 == len(payload["optimizer"])
+    assert {"best_d_loss": first.stats["best_d_loss"], "d_steps": 2 * N} == payload["extra_state"][
+        "stats"
+    ]
+
+    _seed_everything(999)
+    resumed = _build_gan(seed=7)
+    stats = resumed.stats
+    assert 2 * N == _train_gan(resumed, tmp_path / "resumed", last_step=2 * N)
+
+    assert stats is resumed.stats
+    assert straight.stats == resumed.stats
+    assert 4 * N == resumed.stats["d_steps"]
+    for expected, actual in [
+        (straight.generator, resumed.generator),
+        (straight.discriminator, resumed.discriminator),
+    ]:
+        for name, tensor in expected.state_dict().items():
+            assert torch.equal(tensor, actual.state_dict()[name]), f"parameter {name} differs"
+    _assert_same_optimizer(straight.opt_g, resumed.opt_g)
+    _assert_same_optimizer(straight.opt_d, resumed.opt_d)

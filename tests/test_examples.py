@@ -75,6 +75,29 @@ def test_train_loop_trains_checkpoints_and_resumes(
     assert 110 == tch.load_checkpoint(str(tmp_path / "model.ckpt-110"))["global_step"]
 
 
+def test_nanogpt_port_trains_resumes_and_restores_its_metadata_in_place(
+    tmp_path: pathlib.Path, run_example: RunExample
+) -> None:
+    args = ["--dir", str(tmp_path), "--eval-interval", "10", "--batch-size", "4"]
+    first = run_example("nanogpt_port", *args, "--max-iters", "20")
+    assert "resumed from" not in first
+    assert first.splitlines()[-1].startswith("done at step 20; best val loss ")
+
+    second = run_example("nanogpt_port", *args, "--max-iters", "30")
+    assert second.startswith(f"resumed from {tmp_path / 'model.ckpt-20'} at step 20\n")
+    assert second.splitlines()[-1].startswith("done at step 30; ")
+    payload = tch.load_checkpoint(str(tmp_path / "model.ckpt-30"))
+    meta = payload["extra_state"]["meta"]
+    assert {"best_val_loss", "model_args", "config"} == set(meta)
+    assert 16 == meta["model_args"]["block_size"]
+    assert 30 == payload["extra_state"]["scheduler"]["last_epoch"]
+
+    # A finished run stays finished: rerunning it trains nothing.
+    third = run_example("nanogpt_port", *args, "--max-iters", "30")
+    assert third.splitlines()[-1].startswith("done at step 30; ")
+    assert 30 == tch.load_checkpoint(tch.latest_checkpoint(str(tmp_path)))["global_step"]
+
+
 def test_singular_session_example_trains_and_resumes(
     tmp_path: pathlib.Path, run_example: RunExample
 ) -> None:
@@ -167,3 +190,10 @@ def test_mirror_listener_follows_the_hooks_basename(tmp_path: pathlib.Path) -> N
 
     assert ["weights.pt-0", "weights.pt-2", "weights.pt-3"] == listener.copied
     assert sorted(listener.copied) == sorted(p.name for p in mirror.iterdir())
+
+
+def test_mirror_listener_opts_in_to_after_save_after_the_commit() -> None:
+    listener_type = _load("mirror_checkpoints")["MirrorListener"]
+    # It only copies the file: the save stays asynchronous (SPEC 5.3).
+    assert listener_type.run_after_commit is True
+    assert tch.CheckpointSaverListener.run_after_commit is False

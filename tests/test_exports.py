@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch_ckpt_hook
 
 EXPECTED = {
+    "BestCheckpointSaverHook",
     "CheckpointCorruptedError",
     "CheckpointError",
     "CheckpointSaveError",

@@ -10,6 +10,7 @@ import contextlib
 import threading
 from typing import Any
 
+import pytest
 import torch
 
 from torch_ckpt_hook import Saver, Session
@@ -183,3 +184,51 @@ def test_the_writer_waits_for_the_copies_before_writing_and_training_never_does(
     # The writer thread and the training thread run concurrently: only the first entry is ordered.
     assert "side waits" == backend.log[0]
     assert ["current waits", "writer waits for the copies"] == sorted(backend.log[1:])
+
+
+def test_every_optimizer_step_waits_until_the_first_wait() -> None:
+    log: list[str] = []
+    torch.manual_seed(0)
+    generator, discriminator = torch.nn.Linear(2, 3), torch.nn.Linear(3, 1)
+    opt_g = torch.optim.Adam(generator.parameters())
+    opt_d = torch.optim.SGD(discriminator.parameters(), lr=0.1)
+    model = torch.nn.ModuleDict({"g": generator, "d": discriminator})
+    session = Session(model, [opt_g, opt_d])
+
+    def step() -> None:
+        # The discriminator steps first: its step, not the first optimizer's, must wait.
+        opt_d.zero_grad()
+        discriminator(generator(torch.randn(4, 2)).detach()).mean().backward()
+        opt_d.step()
+        opt_g.zero_grad()
+        discriminator(generator(torch.randn(4, 2))).mean().backward()
+        opt_g.step()
+
+    session.protect_until_copied(RecordingFence(log), coarse=False)
+    # Registered after the guard's hooks, so they run after them.
+    opt_d.register_step_pre_hook(lambda *_: log.append("discriminator step"))
+    opt_g.register_step_pre_hook(lambda *_: log.append("generator step"))
+    session.run(step)
+    assert ["device wait", "discriminator step", "generator step"] == log
+    session.run(lambda: None)
+    # Only the test's own pre-hooks are left once the wait has happened.
+    assert (1, 1) == (len(opt_g._optimizer_step_pre_hooks), len(opt_d._optimizer_step_pre_hooks))
+
+
+def test_a_compiled_model_waits_in_the_wrappers_hook_and_hooks_nothing_inside() -> None:
+    try:
+        torch.compile(torch.nn.Linear(1, 1), backend="eager")(torch.ones(1, 1))
+    except Exception as err:  # pragma: no cover - depends on the platform
+        pytest.skip(f"torch.compile(backend='eager') is unavailable here: {err}")
+    log: list[str] = []
+    model = _model()
+    compiled = torch.compile(model, backend="eager")
+    optimizer = torch.optim.SGD(compiled.parameters(), lr=0.1)
+    session = Session(compiled, optimizer)  # type: ignore[arg-type]
+    inner_hooks = [len(m._forward_pre_hooks) for m in model.modules()]
+
+    session.protect_until_copied(RecordingFence(log), coarse=False)
+    assert inner_hooks == [len(m._forward_pre_hooks) for m in model.modules()]
+    assert 1 == len(compiled._forward_pre_hooks)
+    session.run(_step, compiled, optimizer)
+    assert ["device wait"] == log

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 from typing import Any
@@ -9,9 +10,12 @@ from typing import Any
 import pytest
 import torch
 from conftest import make_train_step
+from storages import FailingStorage
 
 from torch_ckpt_hook import (
+    CheckpointSaverHook,
     MonitoredSession,
+    NanLossDuringTrainingError,
     Saver,
     Scaffold,
     Session,
@@ -20,6 +24,9 @@ from torch_ckpt_hook import (
     SessionRunHook,
     SessionRunValues,
     SingularMonitoredSession,
+    StopAtStepHook,
+    latest_checkpoint,
+    load_checkpoint,
 )
 
 
@@ -625,3 +632,300 @@ def test_an_end_error_is_not_hidden_by_a_failing_drain() -> None:
     sess = MonitoredSession(_model(), hooks=[FailingEnd(), FailingDrain()])
     with pytest.raises(OSError, match="end failed"):
         sess.close()
+
+
+# -- restored_from (SPEC 5.3) --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("runner", [MonitoredSession, SingularMonitoredSession])
+def test_restored_from_names_the_checkpoint_restored_at_creation(tmp_path, runner) -> None:  # type: ignore[no-untyped-def]
+    path = _save_at(tmp_path, 4, 0.25)
+    with runner(_model(), checkpoint_dir=str(tmp_path)) as sess:
+        assert os.path.abspath(path) == sess.restored_from
+    with runner(_model(), checkpoint_filename_with_path=path) as sess:
+        assert os.path.abspath(path) == sess.restored_from
+
+
+def test_restored_from_is_none_when_nothing_was_restored(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    with MonitoredSession(_model(), checkpoint_dir=str(tmp_path)) as sess:
+        assert None is sess.restored_from
+    with MonitoredSession(_model()) as sess:
+        assert None is sess.restored_from
+
+
+def test_restored_from_keeps_the_creation_checkpoint_after_a_recovery(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    failures = [Transient("lost a worker")]
+
+    def flaky() -> None:
+        if failures:
+            raise failures.pop()
+
+    with MonitoredSession(
+        _model(), checkpoint_dir=str(tmp_path), recoverable_errors=(Transient,)
+    ) as sess:
+        _save_at(tmp_path, 4, 0.25)
+        sess.run(flaky)  # recovers from model.ckpt-4
+        assert 5 == sess.global_step
+        assert None is sess.restored_from
+
+
+# -- finished runs stay finished (SPEC 5.3) ------------------------------------------------------
+
+
+def test_a_run_restored_at_its_last_step_should_stop_before_the_first_run(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    model = torch.nn.Linear(3, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    step = make_train_step(model, optimizer)
+    steps_run = []
+    for _ in range(3):  # the first run trains to step 3; rerunning the finished job trains none
+        hooks = [
+            StopAtStepHook(last_step=3),
+            CheckpointSaverHook(str(tmp_path), save_steps=100),
+        ]
+        with MonitoredSession(model, optimizer, hooks=hooks, checkpoint_dir=str(tmp_path)) as sess:
+            ran = 0
+            while not sess.should_stop():
+                sess.run(step)
+                ran += 1
+        steps_run.append(ran)
+        assert 3 == sess.global_step
+    assert [3, 0, 0] == steps_run
+
+
+# -- checkpoint_on_error (SPEC 5.3) --------------------------------------------------------------
+
+
+class Boom(Exception):
+    pass
+
+
+def _steps_on_disk(directory: os.PathLike[str]) -> list[int]:
+    return sorted(
+        int(name.rsplit("-", 1)[1])
+        for name in os.listdir(directory)
+        if name.startswith("model.ckpt-") and name.rsplit("-", 1)[1].isdigit()
+    )
+
+
+def _training(tmp_path, **kwargs):  # type: ignore[no-untyped-def]
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    hook = CheckpointSaverHook(str(tmp_path), save_steps=100, saver=Saver(max_to_keep=1))
+    sess = MonitoredSession(model, optimizer, hooks=[hook], checkpoint_dir=str(tmp_path), **kwargs)
+    return sess, model, optimizer, make_train_step(model, optimizer)
+
+
+def test_checkpoint_on_error_saves_the_last_completed_step_before_the_error_propagates(
+    tmp_path,  # type: ignore[no-untyped-def]
+) -> None:
+    sess, model, optimizer, step = _training(tmp_path, checkpoint_on_error=True)
+    for _ in range(3):
+        sess.run(step)
+    weight = model.weight.detach().clone()
+
+    def forward_fails() -> None:
+        optimizer.zero_grad()
+        raise Boom("CUDA out of memory (in the forward pass)")
+
+    with pytest.raises(Boom) as info, sess:
+        sess.run(forward_fails)
+    path = str(tmp_path / "model.ckpt-3")
+    assert path == latest_checkpoint(str(tmp_path))
+    assert [0, 3] == _steps_on_disk(tmp_path), "max_to_keep=1 deleted nothing for that save"
+    payload = load_checkpoint(path)
+    assert 3 == payload["global_step"]
+    assert torch.equal(weight, payload["model"]["weight"])
+    assert [f"checkpoint_on_error: the state of step 3 was saved to {path}."] == getattr(
+        info.value, "__notes__", []
+    )
+
+
+def test_checkpoint_on_error_is_off_by_default(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    sess, _unused_model, _optimizer, step = _training(tmp_path)
+    sess.run(step)
+
+    def fails() -> None:
+        raise Boom
+
+    with pytest.raises(Boom), sess:
+        sess.run(fails)
+    assert [0] == _steps_on_disk(tmp_path)
+
+
+@pytest.mark.parametrize("where", ["inside optimizer.step()", "after optimizer.step()"])
+def test_checkpoint_on_error_saves_nothing_when_an_optimizer_step_was_interrupted(
+    tmp_path,  # type: ignore[no-untyped-def]
+    where: str,
+) -> None:
+    sess, model, optimizer, step = _training(tmp_path, checkpoint_on_error=True)
+    sess.run(step)
+
+    def half_step() -> None:
+        loss = model(torch.ones(2, 3)).sum()
+        optimizer.zero_grad()
+        loss.backward()  # type: ignore[no-untyped-call]
+        if where == "inside optimizer.step()":
+
+            def closure() -> torch.Tensor:
+                raise Boom(where)
+
+            optimizer.step(closure)  # type: ignore[arg-type]
+        else:
+            optimizer.step()
+            raise Boom(where)
+
+    with pytest.raises(Boom), sess:
+        sess.run(half_step)
+    assert [0] == _steps_on_disk(tmp_path)
+
+
+def test_checkpoint_on_error_saves_nothing_for_a_nan_loss(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    sess, _unused_model, _optimizer, step = _training(tmp_path, checkpoint_on_error=True)
+    sess.run(step)
+
+    def nan_found_before_the_update() -> None:
+        raise NanLossDuringTrainingError
+
+    with pytest.raises(NanLossDuringTrainingError), sess:
+        sess.run(nan_found_before_the_update)
+    assert [0] == _steps_on_disk(tmp_path)
+
+
+def test_checkpoint_on_error_saves_nothing_for_a_step_already_saved(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    sess, _unused_model, _optimizer, _step = _training(tmp_path, checkpoint_on_error=True)
+
+    def fails() -> None:
+        raise Boom
+
+    with pytest.raises(Boom) as info, sess:
+        sess.run(fails)  # step 0 was saved at creation
+    assert [0] == _steps_on_disk(tmp_path)
+    assert [] == getattr(info.value, "__notes__", [])
+
+
+def test_checkpoint_on_error_saves_after_recoveries_run_out(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    sess, _unused_model, _optimizer, step = _training(
+        tmp_path, checkpoint_on_error=True, recoverable_errors=(Transient,), max_recoveries=1
+    )
+    sess.run(step)
+    sess.run(step)
+    failures = [Transient("twice"), Transient("once")]
+
+    def flaky() -> None:
+        raise failures.pop()
+
+    with pytest.raises(Transient, match="twice"), sess:
+        sess.run(flaky)  # recovered once (restores step 0), then the error propagates
+    assert 0 == sess.global_step
+    assert [0] == _steps_on_disk(tmp_path), "the restored step 0 is saved already"
+
+
+def test_checkpoint_on_error_ignores_stop_iteration_and_keyboard_interrupt(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    sess, _unused_model, _optimizer, step = _training(tmp_path, checkpoint_on_error=True)
+    sess.run(step)
+
+    def interrupted() -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        sess.run(interrupted)
+
+    def exhausted() -> None:
+        raise StopIteration
+
+    with sess:
+        sess.run(exhausted)
+    assert [1] == _steps_on_disk(tmp_path), "only end() saved step 1 (max_to_keep=1)"
+
+
+def test_checkpoint_on_error_with_no_optimizer_counts_the_step_function_as_the_update(
+    tmp_path,  # type: ignore[no-untyped-def]
+) -> None:
+    hook = CheckpointSaverHook(str(tmp_path), save_steps=100)
+
+    class FailsBeforeTheStep(SessionRunHook):
+        fail = False
+
+        def before_run(self, run_context: SessionRunContext) -> None:
+            if self.fail:
+                raise Boom("before the step")
+
+    before = FailsBeforeTheStep()
+    sess = MonitoredSession(
+        _model(), hooks=[hook, before], checkpoint_dir=str(tmp_path), checkpoint_on_error=True
+    )
+    sess.run(lambda: None)
+
+    def fails() -> None:
+        raise Boom("inside the step")
+
+    with pytest.raises(Boom):
+        sess.run(fails)
+    hook.wait_until_finished()
+    assert [0] == _steps_on_disk(tmp_path)
+    before.fail = True
+    with pytest.raises(Boom, match="before the step"), sess:
+        sess.run(lambda: None)
+    assert [0, 1] == _steps_on_disk(tmp_path)
+
+
+def test_checkpoint_on_error_notes_a_failed_save_and_raises_the_original_error(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    disk = FailingStorage(OSError(errno.EIO, "Input/output error"), steps={1})
+    hook = CheckpointSaverHook(str(tmp_path), save_steps=100, saver=Saver(storage=disk))
+    model = _model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    sess = MonitoredSession(
+        model, optimizer, hooks=[hook], checkpoint_dir=str(tmp_path), checkpoint_on_error=True
+    )
+    sess.run(lambda: optimizer.step())
+
+    def fails() -> None:
+        raise Boom("the real error")
+
+    with pytest.raises(Boom, match="the real error") as info, sess:
+        sess.run(fails)
+    assert [str(tmp_path / "model.ckpt-1")] == disk.failed
+    assert [
+        f"checkpoint_on_error: saving step 1 failed: Saving {tmp_path / 'model.ckpt-1'} failed: "
+        "OSError: [Errno 5] Input/output error"
+    ] == getattr(info.value, "__notes__", [])
+
+
+@pytest.mark.parametrize("runner", [MonitoredSession, SingularMonitoredSession])
+def test_checkpoint_on_error_needs_a_checkpoint_hook(tmp_path, runner) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(ValueError, match=r"^checkpoint_on_error=True needs a CheckpointSaverHook"):
+        runner(_model(), checkpoint_dir=str(tmp_path), checkpoint_on_error=True)
+    with pytest.raises(
+        TypeError, match=r"^checkpoint_on_error must be a bool, got 'yes' \(a str\)$"
+    ):
+        runner(_model(), checkpoint_on_error="yes")
+
+
+def test_checkpoint_on_error_removes_its_optimizer_hook_on_close(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    sess, _unused_model, optimizer, _step = _training(tmp_path, checkpoint_on_error=True)
+    assert optimizer._optimizer_step_pre_hooks
+    sess.close()
+    assert not optimizer._optimizer_step_pre_hooks
+
+
+def test_checkpoint_on_error_watches_every_optimizer_of_a_list(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    generator, critic = torch.nn.Linear(3, 1), torch.nn.Linear(3, 1)
+    optimizers = [
+        torch.optim.SGD(generator.parameters(), lr=0.1),
+        torch.optim.SGD(critic.parameters(), lr=0.1),
+    ]
+    model = torch.nn.ModuleDict({"generator": generator, "critic": critic})
+    hook = CheckpointSaverHook(str(tmp_path), save_steps=100)
+    sess = MonitoredSession(
+        model, optimizers, hooks=[hook], checkpoint_dir=str(tmp_path), checkpoint_on_error=True
+    )
+    sess.run(lambda: optimizers[0].step())
+
+    def critic_update_then_fail() -> None:
+        optimizers[1].step()  # the second optimizer's step: the state is half-updated
+        raise Boom
+
+    with pytest.raises(Boom), sess:
+        sess.run(critic_update_then_fail)
+    assert [0] == _steps_on_disk(tmp_path)

@@ -6,9 +6,11 @@ with files) are in test_saver.py; these pin the policy alone, clock jumps includ
 
 from __future__ import annotations
 
+from typing import Literal
+
 import pytest
 
-from torch_ckpt_hook._retention import Entry, RetentionPolicy
+from torch_ckpt_hook._retention import BestKPolicy, Entry, RetentionPolicy
 
 HOUR = 3600.0
 
@@ -89,3 +91,85 @@ def test_a_clock_that_only_goes_forwards_changes_nothing() -> None:
 
     assert HOUR == policy.next_keep_time
     assert [100.0] == [e.saved_at for e in listed]
+
+
+def _stepped(*steps: int) -> list[Entry]:
+    return [Entry(f"model.ckpt-{step}", 0.0, step=step) for step in steps]
+
+
+def test_a_dropped_milestone_is_preserved_and_the_others_deleted() -> None:
+    policy = RetentionPolicy(1, 10000 * HOUR, now=0.0, keep_every_steps=100)
+    entries = _stepped(0, 50, 100, 150, 200, 250)
+
+    verdict = policy.apply(entries)
+
+    assert ["model.ckpt-250"] == _names(verdict.listed)
+    assert ["model.ckpt-100", "model.ckpt-200"] == _names(verdict.preserved)
+    assert ["model.ckpt-0", "model.ckpt-50", "model.ckpt-150"] == _names(verdict.deleted)
+
+
+def test_a_listed_milestone_stays_listed_until_max_to_keep_drops_it() -> None:
+    policy = RetentionPolicy(3, 10000 * HOUR, now=0.0, keep_every_steps=2)
+
+    verdict = policy.apply(_stepped(1, 2, 3))
+
+    assert ["model.ckpt-1", "model.ckpt-2", "model.ckpt-3"] == _names(verdict.listed)
+    assert ([], []) == (verdict.deleted, verdict.preserved)
+
+
+def test_an_unnumbered_checkpoint_is_no_milestone() -> None:
+    policy = RetentionPolicy(1, 10000 * HOUR, now=0.0, keep_every_steps=1)
+    unnumbered = Entry("model.ckpt", 0.0)
+
+    verdict = policy.apply([unnumbered, *_stepped(4)])
+
+    assert [unnumbered] == verdict.deleted
+
+
+def test_milestones_and_keep_every_n_hours_apply_side_by_side() -> None:
+    policy = RetentionPolicy(1, HOUR, now=0.0, keep_every_steps=10)
+    late = Entry("model.ckpt-3", 2 * HOUR, step=3)  # saved after the hours threshold
+    milestone = Entry("model.ckpt-10", 2 * HOUR, step=10)
+    plain = Entry("model.ckpt-11", 2 * HOUR, step=11)
+
+    verdict = policy.apply([late, milestone, plain, *_stepped(12)])
+
+    assert [late, milestone] == verdict.preserved, "the hour's one, then the milestone"
+    assert [plain] == verdict.deleted
+
+
+def _scored(**scores: float | None) -> tuple[list[Entry], dict[str, float | None]]:
+    return [Entry(name, 0.0) for name in scores], dict(scores)
+
+
+@pytest.mark.parametrize(
+    ("mode", "listed", "deleted"),
+    [("min", ["b", "d"], ["a", "c"]), ("max", ["b", "c"], ["a", "d"])],
+)
+def test_best_k_keeps_the_k_best_listed_best_last(
+    mode: Literal["min", "max"], listed: list[str], deleted: list[str]
+) -> None:
+    entries, scores = _scored(a=None, b=2.0, c=3.0, d=1.0)
+    policy = BestKPolicy(2, mode, scores.get)
+
+    verdict = policy.apply(entries)
+
+    assert listed == _names(verdict.listed)
+    assert deleted == _names(verdict.deleted), "worst first: the unscored one first"
+    assert [] == verdict.preserved
+
+
+def test_best_k_breaks_ties_for_the_newer_and_ignores_the_clock() -> None:
+    entries, scores = _scored(old=1.0, new=1.0)
+    policy = BestKPolicy(1, "min", scores.get)
+    policy.observe_clock(-1e9, entries)
+
+    verdict = policy.apply(entries)
+
+    assert (["new"], ["old"]) == (_names(verdict.listed), _names(verdict.deleted))
+    assert [0.0, 0.0] == [e.saved_at for e in entries]
+
+
+def test_best_k_refuses_an_unknown_mode() -> None:
+    with pytest.raises(ValueError, match=r"^mode must be 'min' or 'max', got 'avg'$"):
+        BestKPolicy(1, "avg", lambda path: None)  # type: ignore[arg-type]

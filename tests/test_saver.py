@@ -345,6 +345,21 @@ def test_a_missing_parent_directory_is_a_value_error_naming_it(tmp_path: Path) -
             ValueError,
             r"drain_timeout_secs must be a positive number or None, got 0",
         ),
+        (
+            {"keep_checkpoint_every_n_steps": 0},
+            ValueError,
+            r"keep_checkpoint_every_n_steps must be a positive int or None, got 0",
+        ),
+        (
+            {"keep_checkpoint_every_n_steps": 2.5},
+            TypeError,
+            r"keep_checkpoint_every_n_steps must be a positive int or None, got 2.5 \(a float\)",
+        ),
+        (
+            {"keep_checkpoint_every_n_steps": True},
+            TypeError,
+            r"keep_checkpoint_every_n_steps must be a positive int or None, got True \(a bool\)",
+        ),
     ],
 )
 def test_bad_constructor_arguments_are_errors_naming_argument_and_value(
@@ -674,3 +689,79 @@ def test_a_checkpoint_deleted_behind_the_savers_back_is_never_named_in_the_state
 
     assert _state("s3", "s2", "s3") == _state_text(tmp_path)
     assert [s1, s2, s3] == save.last_checkpoints, "the saver's own list is TensorFlow's"
+
+
+# ---------------------------------------------------------------------------------------------
+# keep_checkpoint_every_n_steps (milestones)
+
+
+def test_milestones_stay_on_disk_unlisted_when_max_to_keep_drops_them(tmp_path: Path) -> None:
+    saver = Saver(max_to_keep=2, keep_checkpoint_every_n_steps=10)
+    prefix = str(tmp_path / "model.ckpt")
+    for step in range(0, 35, 5):
+        saver.save(_session(step), prefix, global_step=step)
+
+    assert ["model.ckpt-25", "model.ckpt-30"] == _listed(tmp_path)
+    on_disk = {"model.ckpt-10", "model.ckpt-20", "model.ckpt-25", "model.ckpt-30", "checkpoint"}
+    assert on_disk == _files(tmp_path), "0 is no milestone; 5 and 15 are not multiples of 10"
+
+
+def test_milestones_are_kept_by_a_saver_that_adopted_the_directory(tmp_path: Path) -> None:
+    prefix = str(tmp_path / "model.ckpt")
+    first = Saver(max_to_keep=3)
+    for step in (3, 4, 6):
+        first.save(_session(step), prefix, global_step=step)
+
+    resumed = Saver(max_to_keep=1, keep_checkpoint_every_n_steps=2)
+    resumed.save(_session(7), prefix, global_step=7)
+
+    assert ["model.ckpt-7"] == _listed(tmp_path)
+    assert {"model.ckpt-4", "model.ckpt-6", "model.ckpt-7", "checkpoint"} == _files(tmp_path)
+
+
+def test_without_keep_checkpoint_every_n_steps_every_dropped_checkpoint_is_deleted(
+    tmp_path: Path,
+) -> None:
+    _save_steps(tmp_path, range(0, 40, 10), max_to_keep=1)
+
+    assert {"model.ckpt-30", "checkpoint"} == _files(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# extra_payload
+
+
+def test_extra_payload_adds_its_keys_to_this_checkpoint_only(tmp_path: Path) -> None:
+    saver = Saver()
+    prefix = str(tmp_path / "model.ckpt")
+    with_metrics = saver.save(
+        _session(1), prefix, global_step=1, extra_payload={"metrics": {"loss": 0.5}}
+    )
+    plain = saver.save(_session(2), prefix, global_step=2)
+
+    assert {"loss": 0.5} == load_checkpoint(with_metrics)["metrics"]
+    assert "metrics" not in load_checkpoint(plain)
+    _session().load_state_dict(load_checkpoint(with_metrics))  # restore ignores the key
+
+
+@pytest.mark.parametrize("key", ["model", "global_step", "rng", "rank_rng"])
+def test_extra_payload_cannot_replace_a_payload_key(tmp_path: Path, key: str) -> None:
+    with pytest.raises(ValueError, match=rf"^extra_payload must not set '{key}', a key of the"):
+        Saver().save(_session(), str(tmp_path / "model.ckpt"), 1, extra_payload={key: 1})
+    assert [] == list(tmp_path.iterdir()), "nothing is written"
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ([("metrics", 1)], r"^extra_payload must be a dict of str -> value or None, got \["),
+        ({1: "x"}, r"^extra_payload keys must be str, got 1 \(an int\)$"),
+        ({"metrics": np.float32(1.0)}, r"^cannot save: metrics is a numpy.float32"),
+    ],
+)
+def test_a_bad_extra_payload_is_a_type_error_before_anything_is_written(
+    tmp_path: Path, extra: Any, message: str
+) -> None:
+    with pytest.raises(TypeError, match=message):
+        Saver().save(_session(), str(tmp_path / "model.ckpt"), 1, extra_payload=extra)
+    assert [] == list(tmp_path.iterdir())

@@ -14,7 +14,11 @@ import uuid
 import pytest
 import torch
 
-from torch_ckpt_hook._checkpoint_dir import find_checkpoints, latest_checkpoint
+from torch_ckpt_hook._checkpoint_dir import (
+    find_checkpoints,
+    latest_checkpoint,
+    restore_candidates,
+)
 from torch_ckpt_hook._fsutil import TEMP_INFIX
 from torch_ckpt_hook._state_file import (
     STATE_FILENAME,
@@ -534,3 +538,65 @@ def test_latest_checkpoint_with_unusable_state_and_no_checkpoints_is_none(tmp_pa
 
     with caplog.at_level(logging.WARNING, logger=LOGGER):
         assert latest_checkpoint(tmp_path) is None
+
+
+# --- several series in one directory (best checkpoints beside the regular ones) ----------------
+
+
+def _series(tmp_path, *, regular_state=True, best_state=True):
+    """model.ckpt-1..2 and best.ckpt-3 in one directory, with the state files asked for."""
+    regular = [_save(tmp_path / f"model.ckpt-{step}", step) for step in (1, 2)]
+    best = _save(tmp_path / "best.ckpt-3", 3)
+    if regular_state:
+        update_checkpoint_state(tmp_path, regular[-1], regular)
+    if best_state:
+        update_checkpoint_state(tmp_path, best, [best], latest_filename="best_checkpoint")
+    return regular, best
+
+
+def test_latest_checkpoint_of_a_missing_custom_state_file_is_none(tmp_path):
+    _series(tmp_path, best_state=False)
+
+    assert latest_checkpoint(tmp_path, latest_filename="best_checkpoint") is None
+
+
+def test_latest_checkpoint_of_an_unusable_custom_state_file_is_none(tmp_path):
+    _series(tmp_path, best_state=False)
+    (tmp_path / "best_checkpoint").write_text("garbage\n")
+
+    assert latest_checkpoint(tmp_path, latest_filename="best_checkpoint") is None
+
+
+def test_the_default_fallback_skips_checkpoints_another_state_file_lists(tmp_path):
+    regular, best = _series(tmp_path, regular_state=False)
+
+    assert regular[-1] == latest_checkpoint(tmp_path)
+    assert best == latest_checkpoint(tmp_path, latest_filename="best_checkpoint")
+
+
+def test_the_default_fallback_still_finds_a_custom_prefix_with_no_state_file(tmp_path):
+    run = _save(tmp_path / "run.ckpt-7", 7)
+    _save(tmp_path / "best.ckpt-9", 9)
+    update_checkpoint_state(
+        tmp_path, str(tmp_path / "best.ckpt-9"), latest_filename="best_checkpoint"
+    )
+
+    assert run == latest_checkpoint(tmp_path)
+
+
+def test_a_backup_of_the_state_file_does_not_hide_the_series_it_lists(tmp_path):
+    regular, _ = _series(tmp_path)
+    shutil.copy(tmp_path / "checkpoint", tmp_path / "checkpoint.bak")
+    (tmp_path / "checkpoint").unlink()
+
+    assert regular[-1] == latest_checkpoint(tmp_path)
+
+
+def test_restore_candidates_never_include_another_series(tmp_path):
+    regular, best = _series(tmp_path)
+    (tmp_path / "model.ckpt-0").write_bytes((tmp_path / "model.ckpt-1").read_bytes())
+
+    assert [regular[1], regular[0], str(tmp_path / "model.ckpt-0")] == restore_candidates(
+        str(tmp_path)
+    )
+    assert [best] == restore_candidates(str(tmp_path), "best_checkpoint")

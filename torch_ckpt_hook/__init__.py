@@ -1,6 +1,7 @@
 """TensorFlow's CheckpointSaverHook and MonitoredSession for hand-written PyTorch training loops."""
 
 from ._basic_hooks import LoggingTensorHook, NanTensorHook, StepCounterHook, StopAtStepHook
+from ._best_hook import BestCheckpointSaverHook
 from ._checkpoint_dir import latest_checkpoint, restorable_checkpoint
 from ._checkpoint_file import load_checkpoint, verify_checkpoint
 from ._checkpoint_hook import CheckpointSaverHook
@@ -26,6 +27,7 @@ from ._writer import SaveHandle
 __version__ = "0.1.0"
 
 __all__ = [
+    "BestCheckpointSaverHook",
     "CheckpointCorruptedError",
     "CheckpointError",
     "CheckpointSaveError",

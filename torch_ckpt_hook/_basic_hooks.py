@@ -78,7 +78,11 @@ def _contains_nan(value: Any) -> bool:
 
 
 class StopAtStepHook(SessionRunHook):
-    """Requests a stop once the global step reaches ``last_step`` (or ``num_steps`` from now)."""
+    """Requests a stop once the global step reaches ``last_step`` (or ``num_steps`` from now).
+
+    A session created (or recovered) at or past the last step has ``should_stop()`` true before
+    its first ``run()``: ``num_steps=0`` or a finished run restored runs no step.
+    """
 
     def __init__(self, num_steps: int | None = None, last_step: int | None = None) -> None:
         if num_steps is None and last_step is None:
@@ -99,6 +103,16 @@ class StopAtStepHook(SessionRunHook):
         if self._last_step is None:
             assert self._num_steps is not None
             self._last_step = session.global_step + self._num_steps
+        if session.global_step >= self._last_step:
+            # A finished run stays finished: rerunning the job must not train one more step
+            # each time (TensorFlow's hook only looked after a run).
+            logger.info(
+                "StopAtStepHook: the global step %d is at or past the last step %d; no step "
+                "to run.",
+                session.global_step,
+                self._last_step,
+            )
+            coord.request_stop()
 
     def before_run(self, run_context: SessionRunContext) -> SessionRunArgs | None:
         self._stale_step = run_context.session.global_step

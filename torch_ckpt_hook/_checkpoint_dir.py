@@ -4,6 +4,14 @@ One policy, used by session creation and by ``torch-ckpt ls`` / ``inspect`` alik
 candidates newest first; pass over one that is damaged or not a regular file (it cannot hold a
 usable state); stop at one that is intact but unloadable, or unreadable (it may hold the newest
 state, and falling back past it would silently roll the run back); restore the first good one.
+
+Several series of checkpoints may share a directory, each with its own state file: the regular
+``model.ckpt-<step>`` listed in ``checkpoint``, ``BestCheckpointSaverHook``'s ``best.ckpt-<step>``
+listed in ``best_checkpoint``. Falling back to the files on disk (no usable state file) is for
+the default state file only, and takes only the checkpoints whose prefix no other state file in
+the directory lists (``unclaimed_checkpoints``): a missing ``checkpoint`` never makes another
+series' checkpoint the latest, and a series with a custom prefix and no state file yet (killed
+between its first checkpoint and its first state file) is still found.
 """
 
 from __future__ import annotations
@@ -16,9 +24,10 @@ import zipfile
 from collections.abc import Callable, Iterable, Mapping
 
 from ._checkpoint_file import CheckpointProblem, check_checkpoint
-from ._fsutil import is_temp_file, path_key
+from ._fsutil import is_temp_file, path_key, read_small_file
 from ._integrity import ProblemKind
 from ._state_file import STATE_FILENAME, get_checkpoint_state, state_file_path
+from ._text_format import parse_checkpoint_state
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +44,64 @@ def step_of(path: str) -> int | None:
     """The step a checkpoint's name ends with (``model.ckpt-300``: 300), or None."""
     m = CHECKPOINT_NAME.fullmatch(os.path.basename(path))
     return None if m is None else int(m["step"])
+
+
+def prefix_of(path: str) -> str | None:
+    """The prefix a checkpoint's name starts with (``model.ckpt-300``: ``model.ckpt``), or None."""
+    m = CHECKPOINT_NAME.fullmatch(os.path.basename(path))
+    return None if m is None else m["prefix"]
+
+
+def is_default_state_file(latest_filename: str | None) -> bool:
+    """Whether ``latest_filename`` names the default state file, ``checkpoint``."""
+    return latest_filename in (None, "", STATE_FILENAME)
+
+
+# Another series' state file lists a few checkpoints: a larger file is not one, and is not read.
+_CLAIM_LIMIT = 1 << 20
+
+
+def claimed_prefixes(checkpoint_dir: str | os.PathLike[str]) -> set[str]:
+    """The checkpoint prefixes that a state file other than ``checkpoint`` lists.
+
+    Any small regular file of the directory not named like a checkpoint (``<prefix>-<step>``) is
+    read as a state file; one that does not parse as one, or names no checkpoint, claims nothing.
+    Nor does a copy of the default one (a name starting with ``checkpoint``: ``checkpoint.bak``,
+    ``checkpoint~``): a backup of the state file must not hide the series it lists.
+    """
+    checkpoint_dir = os.fspath(checkpoint_dir)
+    try:
+        entries = list(os.scandir(checkpoint_dir))
+    except (FileNotFoundError, NotADirectoryError):
+        return set()
+    claimed: set[str] = set()
+    for entry in entries:
+        name = entry.name
+        if name.startswith(STATE_FILENAME) or is_temp_file(name) or CHECKPOINT_NAME.fullmatch(name):
+            continue
+        try:
+            if not entry.is_file(follow_symlinks=False) or entry.stat().st_size > _CLAIM_LIMIT:
+                continue
+            model, paths = parse_checkpoint_state(
+                read_small_file(entry.path, _CLAIM_LIMIT).decode("utf-8")
+            )
+        except (OSError, ValueError):  # gone, unreadable, not text, not a state file
+            continue
+        for path in (model, *paths) if model else ():
+            prefix = prefix_of(path)
+            if prefix is not None:
+                claimed.add(prefix)
+    return claimed
+
+
+def unclaimed_checkpoints(checkpoint_dir: str | os.PathLike[str]) -> list[tuple[int, str]]:
+    """``find_checkpoints``, less those of a prefix that another series' state file lists."""
+    claimed = claimed_prefixes(checkpoint_dir)
+    return [
+        (step, path)
+        for step, path in find_checkpoints(checkpoint_dir)
+        if prefix_of(path) not in claimed
+    ]
 
 
 def find_checkpoints(checkpoint_dir: str | os.PathLike[str]) -> list[tuple[int, str]]:
@@ -74,15 +141,19 @@ def latest_checkpoint(
 ) -> str | None:
     """The newest checkpoint in ``checkpoint_dir``, or None when there is none.
 
-    The state file's ``model_checkpoint_path`` when it names a checkpoint that exists; otherwise
-    (no state file, or one that is unusable or names only missing files) the newest committed
-    checkpoint that ``find_checkpoints`` finds, with a warning when a state file was there.
+    The state file's ``model_checkpoint_path`` when it names a checkpoint that exists. Otherwise
+    (no state file, or one that is unusable or names only missing files): for the default state
+    file, the newest committed checkpoint on disk whose prefix no other state file lists (the
+    module docstring), with a warning when a state file was there; for another
+    ``latest_filename``, None (its series is only what its state file lists).
     """
     checkpoint_dir = os.fspath(checkpoint_dir)
     state = get_checkpoint_state(checkpoint_dir, latest_filename)
     if state is not None:
         return state.model_checkpoint_path
-    found = find_checkpoints(checkpoint_dir)
+    if not is_default_state_file(latest_filename):
+        return None
+    found = unclaimed_checkpoints(checkpoint_dir)
     if not found:
         return None
     newest = found[-1][1]
@@ -129,7 +200,8 @@ def restore_candidates(checkpoint_dir: str, latest_filename: str | None = None) 
     """The checkpoints of a directory, newest first: the state file's list, then any others.
 
     The others (committed checkpoint files on disk that the state file does not list) count for
-    the default state file only: another series' state file (``best_checkpoint``) names its own.
+    the default state file only, and only those of a prefix no other state file lists: another
+    series' state file (``best_checkpoint``) names its own.
     """
     ordered: list[str] = []
     state = get_checkpoint_state(checkpoint_dir, latest_filename)
@@ -138,10 +210,10 @@ def restore_candidates(checkpoint_dir: str, latest_filename: str | None = None) 
         if state.model_checkpoint_path in listed:
             listed.remove(state.model_checkpoint_path)
         ordered = [state.model_checkpoint_path, *reversed(listed)]
-    if latest_filename not in (None, "", STATE_FILENAME):
+    if not is_default_state_file(latest_filename):
         return ordered
     seen = {os.path.realpath(p) for p in ordered}
-    for _step, path in reversed(find_checkpoints(checkpoint_dir)):
+    for _step, path in reversed(unclaimed_checkpoints(checkpoint_dir)):
         if os.path.realpath(path) not in seen:
             ordered.append(path)
     return ordered

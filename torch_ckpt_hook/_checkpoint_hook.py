@@ -29,7 +29,7 @@ from ._messages import os_error_reason
 from ._saver import Saver
 from ._scaffold import Scaffold
 from ._timer import SecondOrStepTimer
-from ._validation import check_bool, check_type
+from ._validation import check_bool, check_int, check_number, check_type
 from ._writer import SaveHandle
 
 if TYPE_CHECKING:
@@ -69,6 +69,7 @@ def _check_listeners(listeners: object) -> list[CheckpointSaverListener]:
                 f"listeners[{index}] must be a CheckpointSaverListener, "
                 f"got {type(listener).__qualname__}"
             )
+        check_bool(f"listeners[{index}].run_after_commit", listener.run_after_commit)
     return result
 
 
@@ -96,8 +97,11 @@ class CheckpointSaverHook(SessionRunHook):
 
     It saves at session creation (unless the newest checkpoint already holds that step), whenever
     the timer fires for the new global step after a run, and in ``end()`` when the last step is
-    unsaved. With ``async_save`` the write happens in the background and listeners' ``after_save``
-    runs on the training thread at the first hook call after the file is durable.
+    unsaved. With ``async_save`` the write happens in the background. A save that a listener with
+    ``run_after_commit = False`` (the default) takes part in is waited for in the hook call that
+    made it, and ``after_save`` runs there, at the save step; with only ``run_after_commit``
+    listeners, or none, training never waits for the disk and ``after_save`` runs at the first
+    hook call after the file is durable (see ``CheckpointSaverListener``).
 
     An error in a hook call (a listener raising, a failed background save) is raised at the end
     of that call, once the save it was part of is made and every other listener was called (see
@@ -136,6 +140,12 @@ class CheckpointSaverHook(SessionRunHook):
         check_type("saver", saver, Saver, "a Saver", allow_none=True)
         check_type("scaffold", scaffold, Scaffold, "a Scaffold", allow_none=True)
         check_bool("async_save", async_save)
+        # Checked here, under the user's names: the timer would name its own every_secs/steps.
+        # 0 is accepted (TensorFlow): a save at every step that advanced.
+        if save_secs is not None:
+            check_number("save_secs", save_secs, minimum=0)
+        if save_steps is not None:
+            check_int("save_steps", save_steps, minimum=0)
         self._checkpoint_dir = os.fspath(checkpoint_dir)
         self._save_path = os.path.join(self._checkpoint_dir, checkpoint_basename)
         self._timer = SecondOrStepTimer(every_secs=save_secs, every_steps=save_steps)
@@ -290,6 +300,34 @@ class CheckpointSaverHook(SessionRunHook):
             return False
         return True
 
+    def save_after_error(self, session: Session) -> str | None:
+        """Commit the session's step for a runner whose ``run()`` raised (``checkpoint_on_error``).
+
+        Waits for the save in flight first; saves nothing when the step is durable already (that
+        save committed it, or it was just restored). The save blocks, runs no listener (training
+        is failing: their code is not run on the way out) and makes retention delete nothing.
+
+        Returns:
+            The checkpoint written, or None when the step was saved already.
+
+        Raises:
+            CheckpointSaveError: the save failed, or the previous one is still being written
+                after ``drain_timeout_secs``.
+        """
+        saver = self._get_saver()
+        saver.wait_for_previous_save()
+        step = session.global_step
+        durable = step == self._committed_step or any(
+            pending.step == step and pending.handle.done() and not pending.handle.failed()
+            for pending in self._pending
+        )
+        if durable:
+            return None
+        handle = self._start_save(session, step, apply_retention=False)
+        path = handle.result(saver.drain_timeout_secs)
+        self._committed_step = step
+        return path
+
     def _get_saver(self) -> Saver:
         if self._saver is not None:
             return self._saver
@@ -332,8 +370,15 @@ class CheckpointSaverHook(SessionRunHook):
         self._pending.append(_PendingSave(handle, step, may_stop, ready))
         if not self._async_save:
             handle.wait()  # the _poll after this save reports it, failed or not
+        elif any(not listener.run_after_commit for listener in ready):
+            # A TensorFlow-style listener runs at the save step: wait for the commit (bounded by
+            # the saver's drain_timeout_secs) so the _poll after this save calls its after_save
+            # with the step's own state. The _poll reports the save, failed or not.
+            self._wait_for_in_flight(failures)
 
-    def _start_save(self, session: Session, step: int) -> SaveHandle:
+    def _start_save(
+        self, session: Session, step: int, *, apply_retention: bool = True
+    ) -> SaveHandle:
         if not os.path.isdir(self._checkpoint_dir):
             # Deleted under the running hook: a failed save like any other, which the loop can
             # catch and train on (saves resume once the directory is back).
@@ -344,7 +389,13 @@ class CheckpointSaverHook(SessionRunHook):
                 f"Saving {self._checkpoint_path(step)} failed: checkpoint_dir "
                 f"{self._checkpoint_dir!r} no longer exists"
             ) from missing
-        return self._get_saver().save(session, self._save_path, global_step=step, blocking=False)
+        return self._get_saver().save(
+            session,
+            self._save_path,
+            global_step=step,
+            blocking=False,
+            apply_retention=apply_retention,
+        )
 
     def _finish_previous_save(self, session: Session, step: int, failures: Failures) -> bool:
         """Wait for a save still being written, and run its ``after_save``, before the next one.

@@ -1,10 +1,10 @@
-"""The ``torch-ckpt`` command: list, inspect and verify checkpoints, and run the demo.
+"""The ``torch-ckpt`` command: list, inspect, verify and export checkpoints, and run the demo.
 
 Exit status: 0 on success; 1 when a checkpoint is corrupted, unloadable, unreadable or not a
-regular file (``verify``, ``inspect``), ``verify`` found nothing to verify, the demo failed, or
-anything else went wrong; 2 for bad arguments or a missing path. Every error is one line on
-stderr, never a traceback. The commands themselves live in ``_cli_commands``; this module
-parses and reports.
+regular file (``verify``, ``inspect``, ``export``), ``verify`` found nothing to verify, the
+export or the demo failed, or anything else went wrong; 2 for bad arguments or a missing path.
+Every error is one line on stderr, never a traceback. The commands themselves live in
+``_cli_commands``; this module parses and reports.
 """
 
 from __future__ import annotations
@@ -27,11 +27,13 @@ from ._cli_commands import (
     PROG,
     CommandFailed,
     demo,
+    export,
     inspect,
     ls,
     verify,
 )
 from ._cli_demo import DEFAULT_DIR, DEFAULT_SAVE_EVERY, DEFAULT_STEPS
+from ._cli_export import DTYPES
 from ._cli_format import ConsoleHandler, PrefixFormatter, printable
 from ._fsutil import file_type
 from ._messages import error_line, os_error_reason
@@ -41,8 +43,9 @@ _EPILOG = """\
 exit status:
   0  success (ls of a directory without checkpoints included)
   1  a checkpoint is corrupted, unloadable, unreadable or not a regular file
-     (verify, inspect), verify found no checkpoint, the demo failed, or another error
-  2  bad arguments or a missing path
+     (verify, inspect, export), verify found no checkpoint, the export or the demo
+     failed, or another error
+  2  bad arguments or a missing path (export: a DST that exists, without --force)
 """
 
 
@@ -128,7 +131,8 @@ def build_parser() -> _Parser:
     parser = _Parser(
         prog=PROG,
         description=_wrap(
-            "Inspect the checkpoints torch_ckpt_hook writes, and run its demo: a small model "
+            "Inspect, verify and export the checkpoints torch_ckpt_hook writes, and run its demo: "
+            "a small model "
             "trained with MonitoredTrainingSession, checkpointed, and resumed when rerun."
         ),
         epilog=_EPILOG,
@@ -154,7 +158,9 @@ def build_parser() -> _Parser:
         "list a directory's checkpoints: step, size, time, integrity, latest, restored",
         "List the checkpoints in DIR: those its state file names and those on disk; mark the "
         "latest (the state file's) and the one a new session restores (the newest intact); say "
-        "when a session would refuse to start (an unloadable or unreadable checkpoint stops it).",
+        "when a session would refuse to start (an unloadable or unreadable checkpoint stops it). "
+        "Best checkpoints (BestCheckpointSaverHook's best_checkpoint) are listed apart, the best "
+        "marked, with their metrics.",
     )
     ls_.add_argument("dir", metavar="DIR", type=_existing_dir, help="a checkpoint directory")
     ls_.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -191,6 +197,42 @@ def build_parser() -> _Parser:
         "path", metavar="DIR|PATH", type=_checkpoint_or_dir, help="a checkpoint directory or file"
     )
 
+    export_ = add_command(
+        "export",
+        "write a checkpoint as one verified file, or its model's tensors (a dtype, safetensors)",
+        "Write the checkpoint SRC (a file, or a directory: the checkpoint a new session "
+        "restores) to DST as one checkpoint file with a checksum, written atomically. "
+        "--model-only writes the model's state_dict() alone (torch.load(DST, "
+        "weights_only=True) loads it), --safetensors writes it as a safetensors file, and "
+        "--dtype casts the model's floating tensors. DST must not exist, unless --force.",
+    )
+    export_.add_argument(
+        "src", metavar="SRC", type=_checkpoint_or_dir, help="a checkpoint file, or a directory"
+    )
+    export_.add_argument("dst", metavar="DST", help="the file to write")
+    export_.add_argument(
+        "--model-only",
+        action="store_true",
+        help="write the model's tensors alone, a {name: tensor} dict (no optimizer, RNG, step)",
+    )
+    export_.add_argument(
+        "--dtype",
+        choices=list(DTYPES),
+        help="cast the model's floating tensors to DTYPE (integer tensors are kept)",
+    )
+    export_.add_argument(
+        "--safetensors",
+        action="store_true",
+        help="write the model's tensors as a safetensors file (needs the safetensors package)",
+    )
+    export_.add_argument(
+        "--no-verify",
+        dest="verify",
+        action="store_false",
+        help="load a SRC without a checksum (plain torch.save), still with weights_only=True",
+    )
+    export_.add_argument("--force", action="store_true", help="replace DST if it exists")
+
     demo_ = add_command(
         "demo",
         "train a small model with checkpoints; rerun with more --steps to resume",
@@ -226,6 +268,15 @@ COMMANDS: Mapping[str, Command] = {
     "ls": lambda args: ls(args.dir, as_json=args.json),
     "inspect": lambda args: inspect(args.path, as_json=args.json, verify=args.verify),
     "verify": lambda args: verify(args.path),
+    "export": lambda args: export(
+        args.src,
+        args.dst,
+        model_only=args.model_only,
+        dtype=args.dtype,
+        safetensors=args.safetensors,
+        verify=args.verify,
+        force=args.force,
+    ),
     "demo": lambda args: demo(args.dir, args.steps, args.save_every),
 }
 
@@ -263,7 +314,7 @@ def _run(argv: list[str] | None, commands: Mapping[str, Command]) -> int:
     try:
         args, extras = parser.parse_known_args(argv)
         if args.command is None:
-            parser.error("expected a command: ls, inspect, verify or demo")
+            parser.error("expected a command: ls, inspect, verify, export or demo")
         if extras:
             # Reported by the subcommand's parser, whose usage the stray argument belongs to.
             parser.commands[args.command].error(f"unrecognized arguments: {' '.join(extras)}")

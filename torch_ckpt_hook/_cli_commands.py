@@ -1,4 +1,4 @@
-"""The ``torch-ckpt`` subcommands: ``ls``, ``inspect``, ``verify`` and ``demo``.
+"""The ``torch-ckpt`` subcommands: ``ls``, ``inspect``, ``verify``, ``export`` and ``demo``.
 
 Each prints its result on stdout and returns the exit status, or raises ``CommandFailed`` with
 the one line ``main`` reports on stderr.
@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import shlex
+import stat
 import sys
 from collections.abc import Mapping
 from typing import Any
@@ -23,6 +24,13 @@ from ._cli_demo import (
     demo_logging,
     run_demo,
 )
+from ._cli_export import (
+    DTYPES,
+    SAFETENSORS_MISSING,
+    ExportError,
+    export_payload,
+    safetensors_available,
+)
 from ._cli_format import (
     count,
     human_bytes,
@@ -32,9 +40,17 @@ from ._cli_format import (
     print_table,
     printable,
 )
-from ._cli_inspection import build_document
-from ._cli_inventory import Listed, checkpoint_paths, display_name, list_checkpoints
+from ._cli_inspection import build_document, value_text
+from ._cli_inventory import (
+    BEST_STATE_FILENAME,
+    Inventory,
+    Listed,
+    checkpoint_paths,
+    display_name,
+    list_checkpoints,
+)
 from ._errors import CheckpointError, NanLossDuringTrainingError
+from ._fsutil import file_type, same_path
 from ._integrity import ProblemKind
 
 PROG = "torch-ckpt"
@@ -56,50 +72,112 @@ class CommandFailed(Exception):
 
 
 def ls(directory: str, *, as_json: bool) -> int:
-    listed, choice = list_checkpoints(directory)
+    inventory = list_checkpoints(directory)
+    listed, best, choice = inventory.listed, inventory.best, inventory.choice
     if as_json:
         print_json(
             {
                 "directory": printable(os.path.abspath(directory)),
                 "latest": next((item.path for item in listed if item.latest), None),
-                "restore": next((item.path for item in listed if item.restore), None),
+                "restore": next((item.path for item in [*listed, *best] if item.restore), None),
                 "restore_blocked_by": (
                     None
                     if choice.blocked_by is None
                     else printable(os.path.abspath(choice.blocked_by[0]))
                 ),
                 "checkpoints": [dataclasses.asdict(item) for item in listed],
+                "best_checkpoints": _best_json(inventory) if best else None,
             }
         )
         return EXIT_OK
-    if not listed:
+    if not listed and not best:
         print(f"No checkpoints in {printable(directory)}")
         return EXIT_OK
-    table = [["NAME", "STEP", "SIZE", "SAVED", "LATEST", "RESTORE", "INTEGRITY"]]
-    for item in listed:
-        table.append(
-            [
-                item.name,
-                "-" if item.step is None else str(item.step),
-                "-" if item.size_bytes is None else human_bytes(item.size_bytes),
-                "-" if item.mtime is None else local_time(item.mtime),
-                "latest" if item.latest else "",
-                "restore" if item.restore else "",
-                _integrity(item),
-            ]
-        )
-    print_table(table, right_aligned={1, 2})
-    summary = f"{count(len(listed), 'checkpoint')}, "
+    if listed:
+        table = [["NAME", "STEP", "SIZE", "SAVED", "LATEST", "RESTORE", "INTEGRITY"]]
+        for item in listed:
+            table.append(
+                [
+                    *_common_cells(item)[:4],
+                    "latest" if item.latest else "",
+                    "restore" if item.restore else "",
+                    _integrity(item),
+                ]
+            )
+        print_table(table, right_aligned={1, 2})
+        print(_summary(listed, "checkpoint"))
+    else:
+        print(f"No regular checkpoints in {printable(directory)}")
+    if best:
+        print()
+        _print_best(inventory)
+    outcome = _restore_outcome(directory, listed, choice, best)
+    if outcome is not None:
+        print(outcome)
+    return EXIT_OK
+
+
+def _common_cells(item: Listed) -> list[str]:
+    return [
+        item.name,
+        "-" if item.step is None else str(item.step),
+        "-" if item.size_bytes is None else human_bytes(item.size_bytes),
+        "-" if item.mtime is None else local_time(item.mtime),
+    ]
+
+
+def _summary(listed: list[Listed], noun: str) -> str:
+    summary = f"{count(len(listed), noun)}, "
     summary += human_bytes(sum(item.size_bytes or 0 for item in listed))
     for kind, (one, many) in _KIND_COUNTS.items():
         n = sum(item.kind == kind for item in listed)
         if n:
             summary += f", {n} {one if n == 1 else many}"
+    return summary
+
+
+def _print_best(inventory: Inventory) -> None:
+    """The best checkpoints: their own table, the best marked, each one's metrics."""
+    best = inventory.best
+    restore = any(item.restore for item in best)  # only when no regular checkpoint is left
+    print(f"Best checkpoints ({BEST_STATE_FILENAME}):")
+    table = [["NAME", "STEP", "SIZE", "SAVED", "BEST", *(["RESTORE"] * restore)]]
+    table[0] += ["METRICS", "INTEGRITY"]
+    for item in best:
+        metrics = inventory.metrics[item.path]
+        table.append(
+            [
+                *_common_cells(item),
+                "best" if item.latest else "",
+                *(["restore" if item.restore else ""] * restore),
+                "-" if metrics is None else metrics_text(metrics) or "-",
+                _integrity(item),
+            ]
+        )
+    print_table(table, right_aligned={1, 2})
+    summary = _summary(best, "best checkpoint")
+    the_best = next((item for item in best if item.latest), None)
+    if the_best is not None:
+        metrics = inventory.metrics[the_best.path]
+        summary += f"; the best: {the_best.name}"
+        summary += f" ({metrics_text(metrics)})" if metrics else ""
     print(summary)
-    outcome = _restore_outcome(directory, listed, choice)
-    if outcome is not None:
-        print(outcome)
-    return EXIT_OK
+
+
+def _best_json(inventory: Inventory) -> dict[str, Any]:
+    the_best = next((item for item in inventory.best if item.latest), None)
+    checkpoints = []
+    for item in inventory.best:
+        fields = dataclasses.asdict(item)
+        fields["best"] = fields.pop("latest")
+        fields["metrics"] = inventory.metrics[item.path]
+        checkpoints.append(fields)
+    return {
+        "state_file": BEST_STATE_FILENAME,
+        "best": None if the_best is None else the_best.path,
+        "metrics": None if the_best is None else inventory.metrics[the_best.path],
+        "checkpoints": checkpoints,
+    }
 
 
 # How ls's summary line counts the checkpoints of each problem kind (one, several).
@@ -147,8 +225,14 @@ def _integrity(item: Listed) -> str:
     return _problem_text(item.kind, item.problem)
 
 
-def _restore_outcome(directory: str, listed: list[Listed], choice: RestoreChoice) -> str | None:
-    """The line that says what a new session does, when that is not restoring the latest."""
+def _restore_outcome(
+    directory: str, listed: list[Listed], choice: RestoreChoice, best: list[Listed] | None = None
+) -> str | None:
+    """The line that says what a new session does, when that is not restoring the latest.
+
+    ``best`` holds the best checkpoints: never the latest, but what a session restores when it
+    falls back to the files on disk.
+    """
     latest = next((item for item in listed if item.latest), None)
     if choice.blocked_by is not None:
         path, problem = choice.blocked_by
@@ -167,7 +251,7 @@ def _restore_outcome(directory: str, listed: list[Listed], choice: RestoreChoice
             "it does not train from step 0 over them."
         )
     if latest is not None and not latest.intact:
-        restore = next((item for item in listed if item.restore), None)
+        restore = next((item for item in [*listed, *(best or [])] if item.restore), None)
         return (
             f"A new session skips the latest, {latest.name}, and restores "
             f"{'nothing' if restore is None else restore.name}."
@@ -194,7 +278,7 @@ def inspect(path: str, *, as_json: bool, verify: bool = True) -> int:
     return EXIT_OK
 
 
-def _checkpoint_to_inspect(directory: str) -> str:
+def _checkpoint_to_inspect(directory: str, command: str = "inspect") -> str:
     """The checkpoint a new session restores; a warning names the newer ones it passes over.
 
     When restore stops at an unloadable or unreadable checkpoint, that one is shown (``--no-verify``
@@ -206,7 +290,7 @@ def _checkpoint_to_inspect(directory: str) -> str:
     if choice.blocked_by is not None:
         path, problem = choice.blocked_by
         sys.stderr.write(
-            f"{PROG} inspect: warning: a new session refuses to start: it stops at "
+            f"{PROG} {command}: warning: a new session refuses to start: it stops at "
             f"{display_name(directory, path)} "
             f"({_problem_text(problem.kind, printable(problem.message))})"
             f"{'; ' + newer if newer else ''}\n"
@@ -219,7 +303,9 @@ def _checkpoint_to_inspect(directory: str) -> str:
         return latest  # none is intact: loading the latest reports what is wrong with it
     if newer:
         sys.stderr.write(
-            f"{PROG} inspect: warning: showing {display_name(directory, choice.path)}, the "
+            f"{PROG} {command}: warning: "
+            f"{'showing' if command == 'inspect' else 'exporting'} "
+            f"{display_name(directory, choice.path)}, the "
             f"checkpoint a new session restores; {newer}\n"
         )
     return choice.path
@@ -239,6 +325,12 @@ def _newer_ones(directory: str, choice: RestoreChoice) -> str:
 
 
 def _print_inspection(doc: Mapping[str, Any]) -> None:
+    optimizer = doc["optimizer"]
+    if isinstance(optimizer, list):  # several optimizers (a GAN's two), one line each
+        optimizers = [(f"Optimizer {i}", _optimizer_line(o)) for i, o in enumerate(optimizer)]
+    else:
+        optimizers = [("Optimizer", _optimizer_line(optimizer))]
+    metrics = doc["metrics"]
     print_fields(
         [
             ("Checkpoint", doc["path"]),
@@ -246,13 +338,24 @@ def _print_inspection(doc: Mapping[str, Any]) -> None:
             ("Global step", printable(str(doc["global_step"]))),
             ("Format", printable(str(doc["format_version"]))),
             ("Payload keys", ", ".join(doc["payload_keys"])),
-            ("Optimizer", _optimizer_line(doc["optimizer"])),
+            *optimizers,
             ("Extra state", ", ".join(doc["extra_state"]) or "none"),
+            *([] if metrics is None else [("Metrics", metrics_text(metrics) or "none")]),
             ("RNG states", ", ".join(doc["rng_states"]) or "none"),
             *[("Problem", problem) for problem in doc["problems"]],
         ]
     )
     print()
+    values = doc["values"]
+    if values:
+        table = [["VALUE", "TYPE", "CONTENT"]]
+        for value in values[:_VALUE_ROWS]:
+            table.append([value["name"], value["type"], value_text(value)])
+        print_table(table)
+        if len(values) > _VALUE_ROWS:
+            more = len(values) - _VALUE_ROWS
+            print(f"... and {count(more, 'more value')}; --json lists them all")
+        print()
     table = [["TENSOR", "SHAPE", "DTYPE", "BYTES"]]
     for tensor in doc["tensors"]:
         shape = "[" + ", ".join(map(str, tensor["shape"])) + "]"
@@ -277,6 +380,18 @@ def _print_inspection(doc: Mapping[str, Any]) -> None:
     print_table(totals, right_aligned={1, 2, 3})
 
 
+# The values inspect's text lists; --json lists every one.
+_VALUE_ROWS = 100
+
+
+def metrics_text(metrics: Mapping[str, Any]) -> str:
+    """``val_loss 0.2314, accuracy 0.91``: a best checkpoint's metrics on one line."""
+    return ", ".join(
+        f"{name} {value:.6g}" if isinstance(value, float) else f"{name} {printable(repr(value))}"
+        for name, value in metrics.items()
+    )
+
+
 def _optimizer_line(optimizer: Mapping[str, Any] | None) -> str:
     if optimizer is None:
         return "none"
@@ -288,6 +403,103 @@ def _optimizer_line(optimizer: Mapping[str, Any] | None) -> str:
         line += f", lr {optimizer['lr']:g}"
     with_state = optimizer["parameters_with_state"]
     return line + (f", state for {count(with_state, 'parameter')}" if with_state else ", no state")
+
+
+# ---------------------------------------------------------------------------------------------
+# export
+
+
+def export(
+    src: str,
+    dst: str,
+    *,
+    model_only: bool = False,
+    dtype: str | None = None,
+    safetensors: bool = False,
+    verify: bool = True,
+    force: bool = False,
+) -> int:
+    if safetensors and not safetensors_available():
+        raise CommandFailed(SAFETENSORS_MISSING)
+    _check_destination(dst, force)
+    if os.path.isdir(src):
+        src = _checkpoint_to_inspect(src, command="export")
+        itself = f"the checkpoint SRC stands for ({printable(src)})"
+    else:
+        itself = "SRC itself"
+    if os.path.lexists(dst) and (same_path(src, dst) or os.path.samefile(src, dst)):
+        raise CommandFailed(
+            f"argument DST: expected a path other than SRC's, got {dst!r}, which is {itself}",
+            EXIT_USAGE,
+        )
+    try:
+        payload = load_checkpoint(src, verify=verify)
+    except (CheckpointError, ValueError) as err:
+        raise CommandFailed(printable(str(err))) from err
+    try:
+        done = export_payload(
+            payload,
+            dst,
+            model_only=model_only,
+            dtype=None if dtype is None else DTYPES[dtype],
+            safetensors=safetensors,
+        )
+    except ExportError as err:
+        raise CommandFailed(str(err)) from err
+    if done.skipped:
+        sys.stderr.write(
+            f"{PROG} export: warning: not tensors, so left out of the safetensors file: "
+            f"{', '.join(done.skipped)}\n"
+        )
+    step = payload.get("global_step")
+    source = printable(src) + ("" if step is None else f" (step {printable(str(step))})")
+    size = human_bytes(os.path.getsize(dst))
+    cast = f", {done.cast} cast to {dtype}" if done.cast else ""
+    if done.what == "checkpoint":
+        model_cast = f", {done.cast} model tensors cast to {dtype}" if done.cast else ""
+        what = f"a checkpoint file, {size}{model_cast}"
+        how = "load_checkpoint(DST) loads it, and a session restores it"
+    elif done.what == "model":
+        what = f"the model's tensors, {count(done.tensors, 'tensor')}{cast}, {size}"
+        how = "torch.load(DST, weights_only=True) loads it; torch-ckpt verify checks it"
+    else:
+        what = f"the model's tensors as safetensors, {count(done.tensors, 'tensor')}{cast}, {size}"
+        how = "safetensors.torch.load_file(DST) loads it"
+    print(f"Exported {source} to {printable(dst)}: {what}; {how}.")
+    return EXIT_OK
+
+
+def _check_destination(dst: str, force: bool) -> None:
+    """Refuse a ``DST`` that exists (without ``--force``), that is not a regular file, or whose
+    directory does not exist: the export would fail, or replace what it must not."""
+    try:
+        mode = os.stat(dst).st_mode
+    except FileNotFoundError:
+        mode = None
+    except OSError:
+        mode = None  # the write will say what is wrong
+    if mode is not None and stat.S_ISDIR(mode):
+        raise CommandFailed(
+            f"argument DST: expected a file path, got {dst!r}, which is a directory", EXIT_USAGE
+        )
+    if mode is not None and not stat.S_ISREG(mode):
+        raise CommandFailed(
+            f"argument DST: expected a file path, got {dst!r}, which is {file_type(mode)}",
+            EXIT_USAGE,
+        )
+    if mode is not None and not force:
+        raise CommandFailed(
+            f"argument DST: expected a path where nothing exists, got {dst!r}, which exists; "
+            "pass --force to replace it",
+            EXIT_USAGE,
+        )
+    parent = os.path.dirname(dst) or os.curdir
+    if not os.path.isdir(parent):
+        raise CommandFailed(
+            f"argument DST: expected a path in an existing directory, got {dst!r}, whose "
+            f"directory {parent!r} does not exist",
+            EXIT_USAGE,
+        )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -29,6 +29,12 @@ def printable(text: str) -> str:
     return raw.decode("utf-8", "backslashreplace")
 
 
+def a_type(value: object) -> str:
+    """``a list``, ``an int``, ``a None``: the article and the type's name, for messages."""
+    name = "None" if value is None else type(value).__qualname__
+    return f"{'an' if name[:1].lower() in 'aeiou' else 'a'} {name}"
+
+
 def count(n: int, noun: str) -> str:
     return f"{n} {noun}{'' if n == 1 else 's'}"
 

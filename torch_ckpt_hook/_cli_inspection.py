@@ -1,4 +1,4 @@
-"""What ``torch-ckpt inspect`` says of a checkpoint's payload: tensors, optimizer, RNG states.
+"""What ``torch-ckpt inspect`` says of a checkpoint's payload: tensors, values, optimizers, RNG.
 
 Used by the ``torch-ckpt`` command only.
 
@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ._cli_format import count, printable
+from ._cli_format import a_type, count, printable
 from ._validation import is_number
 
 
@@ -34,9 +34,42 @@ class TensorInfo:
     """The bytes stored: the data of a dense tensor; values and indices of a sparse one."""
 
 
+@dataclasses.dataclass(frozen=True)
+class ValueInfo:
+    """A value of the payload that is not a tensor: a number, a string, a list of them, ..."""
+
+    name: str
+    type: str
+    value: Any
+    """The value itself; cut to its first items or characters when ``truncated``."""
+    length: int | None
+    """The items of a list, tuple or mapping, the characters of a string; None for a scalar."""
+    truncated: bool
+
+
+# A list longer than this, or a string, is cut in --json (the text is cut shorter, to a line).
+JSON_ITEMS_LIMIT = 100
+JSON_CHARS_LIMIT = 1000
+TEXT_CHARS_LIMIT = 72
+
+# Parts of the payload that have their own lines (the step, the optimizer's summary, the RNG
+# states' names, the metrics): their values are not listed again.
+_SUMMARIZED = frozenset({"format_version", "global_step", "optimizer", "rng"})
+
+_SCALARS = (type(None), bool, int, float, complex, str, bytes)
+
+
 def build_document(path: str, payload: Mapping[str, Any]) -> dict[str, Any]:
     """The inspection of the checkpoint at ``path`` whose loaded payload is ``payload``."""
     problems: list[str] = []
+    metrics = _metrics(payload.get("metrics"), problems)
+    summarized = _SUMMARIZED | ({"metrics"} if metrics is not None else set())
+    values = [
+        _value_info(name, value)
+        for key, part in payload.items()
+        if key not in summarized
+        for name, value in named_values(part, str(key))
+    ]
     tensors = [_tensor_info(name, tensor) for name, tensor in named_tensors(payload)]
     totals: dict[str, dict[str, int]] = {}
     for tensor in tensors:
@@ -51,9 +84,11 @@ def build_document(path: str, payload: Mapping[str, Any]) -> dict[str, Any]:
         "format_version": payload.get("format_version"),
         "global_step": payload.get("global_step"),
         "payload_keys": [printable(str(key)) for key in payload],
-        "optimizer": describe_optimizer(payload.get("optimizer"), problems),
+        "optimizer": describe_optimizers(payload.get("optimizer"), problems),
         "extra_state": _names(payload.get("extra_state"), "extra_state", problems),
+        "metrics": metrics,
         "rng_states": rng_states(payload.get("rng")),
+        "values": [dataclasses.asdict(value) for value in values],
         "tensors": [dataclasses.asdict(tensor) for tensor in tensors],
         "totals": totals,
         "problems": problems,
@@ -70,6 +105,69 @@ def named_tensors(value: Any, prefix: str = "") -> Iterator[tuple[str, torch.Ten
     elif isinstance(value, (list, tuple)):
         for index, item in enumerate(value):
             yield from named_tensors(item, f"{prefix}.{index}" if prefix else str(index))
+
+
+def named_values(value: Any, prefix: str) -> Iterator[tuple[str, Any]]:
+    """Every value that is not a tensor in a nest of mappings and lists, by its dotted path.
+
+    A list or tuple of scalars (numbers, strings, None) is one value, ``[0.9, 0.999]``; a list
+    that holds mappings, lists or tensors is walked, item by item. An empty mapping is a value
+    (``{}``), except a part of the payload itself (an empty ``extra_state`` says nothing).
+    """
+    if isinstance(value, torch.Tensor):
+        return
+    if isinstance(value, Mapping):
+        if not value and "." in prefix:
+            yield prefix, {}
+        for key, item in value.items():
+            yield from named_values(item, f"{prefix}.{key}")
+    elif isinstance(value, (list, tuple)) and not all(isinstance(i, _SCALARS) for i in value):
+        for index, item in enumerate(value):
+            yield from named_values(item, f"{prefix}.{index}")
+    else:
+        yield prefix, value
+
+
+def _value_info(name: str, value: Any) -> ValueInfo:
+    length = len(value) if isinstance(value, (str, bytes, list, tuple, Mapping)) else None
+    truncated = False
+    if isinstance(value, (str, bytes)) and len(value) > JSON_CHARS_LIMIT:
+        value, truncated = value[:JSON_CHARS_LIMIT], True
+    elif isinstance(value, (list, tuple)) and len(value) > JSON_ITEMS_LIMIT:
+        value, truncated = value[:JSON_ITEMS_LIMIT], True
+    return ValueInfo(
+        name=printable(name),
+        type="None" if value is None else type(value).__qualname__,
+        value=value,
+        length=length,
+        truncated=truncated,
+    )
+
+
+def value_text(info: Mapping[str, Any], limit: int = TEXT_CHARS_LIMIT) -> str:
+    """A value as one line of at most about ``limit`` characters: its ``repr``, cut when longer,
+    with its full length: ``[1, 2, 3, ...] (5000 items)``."""
+    text = printable(repr(info["value"]))
+    length, unit = info["length"], "chars" if info["type"] in ("str", "bytes") else "items"
+    if len(text) <= limit and not info["truncated"]:
+        return text
+    return f"{text[: limit - 3]}... ({length:,} {unit})"
+
+
+def _metrics(value: Any, problems: list[str]) -> dict[str, Any] | None:
+    """A best checkpoint's ``metrics`` (``{name: float}``), or None when it has none."""
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        problems.append(f"metrics is {a_type(value)}, not a mapping of names to numbers")
+        return None
+    return {printable(str(name)): metric_number(number) for name, number in value.items()}
+
+
+def metric_number(value: Any) -> Any:
+    """A metric's number as a float (a one-element tensor's too); any other value as it is."""
+    number = _number(value)
+    return value if number is None else number
 
 
 def _tensor_info(name: str, tensor: torch.Tensor) -> TensorInfo:
@@ -116,40 +214,56 @@ def _names(value: Any, what: str, problems: list[str]) -> list[str]:
     if value is None:
         return []
     if not isinstance(value, Mapping):
-        problems.append(f"{what} is a {type(value).__qualname__}, not a mapping")
+        problems.append(f"{what} is {a_type(value)}, not a mapping")
         return []
     return sorted(printable(str(key)) for key in value)
 
 
-def describe_optimizer(state: Any, problems: list[str]) -> dict[str, Any] | None:
+def describe_optimizers(
+    state: Any, problems: list[str]
+) -> dict[str, Any] | list[dict[str, Any] | None] | None:
+    """``describe_optimizer`` of the payload's ``optimizer``: one state dict, or a list of them
+    (a session with several optimizers, a GAN's two), described one by one."""
+    if isinstance(state, (list, tuple)):
+        return [
+            describe_optimizer(item, problems, f"optimizer.{i}") for i, item in enumerate(state)
+        ]
+    if state is not None and not isinstance(state, Mapping):
+        problems.append(f"optimizer is {a_type(state)}, not a mapping or a list of mappings")
+        return None
+    return describe_optimizer(state, problems)
+
+
+def describe_optimizer(
+    state: Any, problems: list[str], name: str = "optimizer"
+) -> dict[str, Any] | None:
     """The optimizer's type, inferred: the payload holds its ``state_dict()``, not its class.
 
-    What does not have ``Optimizer.state_dict()``'s shape is added to ``problems``.
+    What does not have ``Optimizer.state_dict()``'s shape is added to ``problems``, under
+    ``name``, the optimizer's path in the payload.
     """
     if state is None:
         return None
     if not isinstance(state, Mapping):
-        problems.append(f"optimizer is a {type(state).__qualname__}, not a mapping")
+        problems.append(f"{name} is {a_type(state)}, not a mapping")
         return None
     groups = state.get("param_groups")
     if groups is None:
         groups = []
     elif not isinstance(groups, (list, tuple)):
-        problems.append(
-            f"optimizer.param_groups is a {type(groups).__qualname__}, not a list of mappings"
-        )
+        problems.append(f"{name}.param_groups is {a_type(groups)}, not a list of mappings")
         groups = []
     mappings = [group for group in groups if isinstance(group, Mapping)]
     others = len(groups) - len(mappings)
     if others:
         problems.append(
-            f"optimizer.param_groups holds {others} "
+            f"{name}.param_groups holds {others} "
             f"{'entry that is not a mapping' if others == 1 else 'entries that are not mappings'}"
         )
     first: Mapping[str, Any] = mappings[0] if mappings else {}
     per_parameter = state.get("state")
     if per_parameter is not None and not isinstance(per_parameter, Mapping):
-        problems.append(f"optimizer.state is a {type(per_parameter).__qualname__}, not a mapping")
+        problems.append(f"{name}.state is {a_type(per_parameter)}, not a mapping")
         per_parameter = None
     return {
         "type": guess_optimizer_type(first) if first else "unknown",

@@ -6,11 +6,14 @@ host either. So the first in-place update after a save makes the *current stream
 copies' fence, which costs the host nothing and the device only the part of the copy that is
 not done yet. The updates that touch saved tensors, and where the wait is placed:
 
-- the optimizer step (parameters, optimizer state): an optimizer step pre-hook;
+- the optimizer step (parameters, optimizer state): a step pre-hook on every optimizer of the
+  session (a GAN's two);
 - buffer updates in forward (BatchNorm running statistics, spectral norm's vectors): a forward
   pre-hook, prepended, on every module that owns buffers, so the layers before it overlap with
   the copy; under ``DistributedDataParallel``, which broadcasts buffers at the start of its
-  forward, a pre-hook on the wrapper itself;
+  forward, a pre-hook on the wrapper itself. Under ``torch.compile`` the pre-hook goes on the
+  compiled wrapper and on no module inside it: dynamo would trace a hook inside the compiled
+  region, and adding or removing one there at every save would recompile;
 - a restore (``load_state_dict``) and ``close()``, after which the session's code no longer runs.
 
 When that is not enough, the guard waits at the start of the next step instead (``coarse``): a
@@ -22,9 +25,12 @@ docs/decisions.md.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
+
+from ._portable_state import wrappers
 
 if TYPE_CHECKING:
     from ._copy_engine import Fence
@@ -33,9 +39,9 @@ if TYPE_CHECKING:
 class InplaceGuard:
     """The fence of the latest save's copies, waited on by the first in-place update after it."""
 
-    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
+    def __init__(self, model: torch.nn.Module, optimizers: Sequence[torch.optim.Optimizer]) -> None:
         self._model = model
-        self._optimizer = optimizer
+        self._optimizers = list(optimizers)
         self._fence: Fence | None = None
         self._coarse = False
         self._handles: list[Any] = []
@@ -48,7 +54,7 @@ class InplaceGuard:
         """Make the next in-place update (or, when ``coarse``, the next step) wait on ``fence``."""
         self.settle()
         self._fence = fence
-        self._coarse = coarse or self._optimizer is None
+        self._coarse = coarse or not self._optimizers
         if not self._handles:
             self._install()
 
@@ -82,10 +88,18 @@ class InplaceGuard:
         def pre_hook(*_args: Any, **_kwargs: Any) -> None:
             self.settle()
 
-        if self._optimizer is not None:
-            self._handles.append(self._optimizer.register_step_pre_hook(pre_hook))
-        modules = [m for m in self._model.modules() if any(True for _ in m.buffers(recurse=False))]
-        if isinstance(self._model, torch.nn.parallel.DistributedDataParallel):
-            modules.insert(0, self._model)
+        for optimizer in self._optimizers:
+            self._handles.append(optimizer.register_step_pre_hook(pre_hook))
+        chain = wrappers(self._model)
+        parallel = (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)
+        modules: list[torch.nn.Module]
+        if any(not isinstance(wrapper, parallel) for wrapper in chain):
+            # Compiled: the outermost wrapper's hooks run outside dynamo, before everything.
+            modules = [self._model]
+        else:
+            owners = self._model.modules()
+            modules = [m for m in owners if any(True for _ in m.buffers(recurse=False))]
+            ddp = torch.nn.parallel.DistributedDataParallel
+            modules[:0] = [wrapper for wrapper in chain if isinstance(wrapper, ddp)]
         for module in modules:
             self._handles.append(module.register_forward_pre_hook(pre_hook, prepend=True))

@@ -13,11 +13,20 @@ class CheckpointSaverListener:
 
     ``begin()`` runs once from the hook's ``begin()``. ``before_save`` runs on the training thread
     before every save the hook makes (the one at session creation, each periodic one, the final one
-    in ``end()``). ``after_save`` runs on the training thread once that checkpoint is durable: with
-    ``async_save``, at the first hook call after the background write committed, or in
-    ``wait_until_finished()`` / ``end()``. A truthy return from ``after_save`` asks training to
-    stop; it is ignored for the save at session creation and the one in ``end()``.
-    ``end(session, global_step_value)`` runs once from the hook's ``end()``, after the final save.
+    in ``end()``). ``after_save`` runs on the training thread once that checkpoint is durable.
+    When depends on ``run_after_commit``:
+
+    - ``False`` (the default, TensorFlow's semantics): at the save step. The hook call that saves
+      waits for the write to commit and then calls ``after_save``, so the listener sees both the
+      file and the state of the step it is told (the model, the RNG, ``session.global_step``).
+    - ``True``: the save stays asynchronous and ``after_save`` runs at the first hook call after
+      the background write committed, or in ``wait_until_finished()`` / ``end()``: for a listener
+      that only uses the file (upload, mirror, notify) and should not make training wait.
+
+    A hook whose listeners all set ``run_after_commit`` (or that has none) never waits for the
+    disk. A truthy return from ``after_save`` asks training to stop; it is ignored for the save at
+    session creation and the one in ``end()``. ``end(session, global_step_value)`` runs once from
+    the hook's ``end()``, after the final save.
 
     A listener that raises an ``Exception`` does not stop the hook's work: the save goes ahead,
     every other listener is called, and the error is raised once, at the end of that hook call,
@@ -27,6 +36,9 @@ class CheckpointSaverListener:
     is durable. Errors from ``begin()`` and ``end()`` are raised after every listener's
     ``begin()`` or ``end()`` ran, and those from ``end()`` after every save is durable.
     """
+
+    run_after_commit: bool = False
+    """``True``: ``after_save`` runs at the first hook call after the commit (not the save step)."""
 
     def begin(self) -> None:
         """Called once, from ``CheckpointSaverHook.begin()``."""

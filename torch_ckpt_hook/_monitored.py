@@ -1,18 +1,40 @@
-"""The runners: ``MonitoredSession`` and ``SingularMonitoredSession`` call hooks around steps."""
+"""The runners: ``MonitoredSession`` and ``SingularMonitoredSession`` call hooks around steps.
+
+With ``checkpoint_on_error``, an ``Exception`` that leaves ``run()`` (not a recovered one,
+not ``StopIteration``) first gets the state of the last completed step committed by the
+first ``CheckpointSaverHook`` in ``hooks``, unless:
+
+- an optimizer step was interrupted: ``optimizer.step()`` was entered during the failing
+  ``run()`` call (the error came from inside it, or after it in the same call: the rest of
+  the step function, or a hook's ``after_run``). The parameters, the optimizer state and
+  what the loop updates beside them (a scheduler, the step count) may disagree. A session
+  with no optimizer counts the step function itself as the update: an error from inside it
+  or after it saves nothing;
+- the error is ``NanLossDuringTrainingError`` (the state is the diverged one);
+- that step is durable already (saved by the hook, or just restored).
+
+Such a save runs no listener and makes retention delete nothing. ``KeyboardInterrupt`` and
+``SystemExit`` are not ``Exception``: they propagate at once (a second Ctrl-C means "now").
+A save that fails is logged and noted on the error, which propagates either way.
+"""
 
 from __future__ import annotations
 
 import enum
 import logging
 import os
+import weakref
 from collections.abc import Callable, Iterable, Mapping
 from types import TracebackType
 from typing import Any, TypeVar
 
 import torch
 
+from ._best_hook import BestCheckpointSaverHook
 from ._checkpoint_hook import CheckpointSaverHook
 from ._coordinator import Coordinator
+from ._errors import NanLossDuringTrainingError
+from ._faults import _add_note
 from ._fetches import check_fetches, merge_feeds, resolve_fetches
 from ._fsutil import path_key
 from ._hooks import (
@@ -23,10 +45,10 @@ from ._hooks import (
     SessionRunValues,
 )
 from ._scaffold import Scaffold
-from ._session import Session
+from ._session import OptimizerArg, Session
 from ._session_manager import prepare_session
 from ._signals import SignalStopper, check_signals
-from ._validation import check_int
+from ._validation import check_bool, check_int
 
 logger = logging.getLogger(__name__)
 
@@ -57,12 +79,12 @@ def _check_distinct_savers(hooks: list[SessionRunHook]) -> None:
     """Refuse two checkpoint hooks that would write one series: they would prune each other."""
     seen: dict[str, int] = {}
     for index, hook in enumerate(hooks):
-        if not isinstance(hook, CheckpointSaverHook):
+        if not isinstance(hook, (CheckpointSaverHook, BestCheckpointSaverHook)):
             continue
         key = path_key(hook.save_path)
         if key in seen:
             raise ValueError(
-                f"hooks holds two CheckpointSaverHooks that write {hook.save_path}-<step> "
+                f"hooks holds two checkpoint hooks that write {hook.save_path}-<step> "
                 f"(hooks[{seen[key]}] and hooks[{index}], counting the runner's default hooks "
                 "first): they would overwrite and prune each other's checkpoints. Keep one, or "
                 "give the other its own checkpoint_basename or checkpoint_dir."
@@ -92,13 +114,26 @@ def _check_error_types(value: object) -> tuple[type[BaseException], ...]:
     return types
 
 
+def _optimizers(optimizer: object) -> list[torch.optim.Optimizer]:
+    """The session's optimizers: none, one, or (SPEC 5.3) a list of them."""
+    if isinstance(optimizer, torch.optim.Optimizer):
+        return [optimizer]
+    if isinstance(optimizer, (list, tuple)):
+        return [opt for opt in optimizer if isinstance(opt, torch.optim.Optimizer)]
+    return []
+
+
+def _first_checkpoint_hook(hooks: list[SessionRunHook]) -> CheckpointSaverHook | None:
+    return next((hook for hook in hooks if isinstance(hook, CheckpointSaverHook)), None)
+
+
 class _MonitoredSession:
     """The shared runner: creates the session, runs steps with hooks, closes on every path."""
 
     def __init__(
         self,
         model: torch.nn.Module,
-        optimizer: torch.optim.Optimizer | None,
+        optimizer: OptimizerArg,
         *,
         hooks: Iterable[SessionRunHook] | None,
         scaffold: Scaffold | None,
@@ -108,10 +143,19 @@ class _MonitoredSession:
         recoverable_errors: tuple[type[BaseException], ...],
         max_recoveries: int,
         stop_on_signals: Iterable[int],
+        checkpoint_on_error: bool,
     ) -> None:
         self._state = _State.NEW
         self._hooks = _check_hooks(hooks, "hooks")
         _check_distinct_savers(self._hooks)
+        self._checkpoint_on_error = check_bool("checkpoint_on_error", checkpoint_on_error)
+        self._error_saver = _first_checkpoint_hook(self._hooks)
+        if self._checkpoint_on_error and self._error_saver is None:
+            raise ValueError(
+                "checkpoint_on_error=True needs a CheckpointSaverHook in hooks to save with "
+                "(its directory, basename and saver); add one, or leave checkpoint_on_error "
+                "False."
+            )
         if scaffold is not None and not isinstance(scaffold, Scaffold):
             raise TypeError(
                 f"scaffold must be a Scaffold or None, got {type(scaffold).__qualname__}"
@@ -133,10 +177,17 @@ class _MonitoredSession:
         self._signals = SignalStopper(check_signals(stop_on_signals), self._coord.request_stop)
         self._stop_requested = False
         self._session = Session(model, optimizer, extra_state=extra_state)
+        self._restored_from: str | None = None
+        # Whether the current run() call entered an optimizer step (or, with no optimizer, the
+        # step function): checkpoint_on_error saves nothing then. Set by a step pre-hook.
+        self._update_started = False
+        self._step_hooks: list[Any] = []
         try:
+            self._watch_optimizer_steps()
             for hook in self._hooks:
                 hook.begin()
             self._create_session()
+            self._restored_from = self._session.restored_from
             self._signals.install()
         except BaseException:
             self._state = _State.CLOSED
@@ -149,6 +200,29 @@ class _MonitoredSession:
         self._state = _State.OPEN
 
     # -- creation and recovery ------------------------------------------------------------------
+
+    def _watch_optimizer_steps(self) -> None:
+        if not self._checkpoint_on_error:
+            return
+        # A weak reference: the optimizer must not keep a dropped runner alive.
+        ref = weakref.ref(self)
+
+        def step_started(_opt: object, _args: object, _kwargs: object) -> None:
+            runner = ref()
+            if runner is not None:
+                runner._update_started = True
+
+        for optimizer in _optimizers(self._session.optimizer):
+            self._step_hooks.append(optimizer.register_step_pre_hook(step_started))
+
+    @property
+    def restored_from(self) -> str | None:
+        """The absolute path of the checkpoint restored when the session was created, or None.
+
+        None when the session started from ``scaffold.init_fn`` (or its initial state); a
+        recovery's restore does not change it.
+        """
+        return self._restored_from
 
     def _create_session(self) -> None:
         prepare_session(
@@ -206,15 +280,20 @@ class _MonitoredSession:
             raise TypeError(f"fn must be a callable step function, got {type(fn).__qualname__}")
         recoveries = 0
         while True:
+            self._update_started = False
             try:
                 return self._run_once(fn, args, kwargs)
             except StopIteration:
                 raise  # the end of the input, never an error to recover from
             except self._recoverable_errors as err:
                 if recoveries >= self._max_recoveries:
+                    self._checkpoint_after_error(err)
                     raise
                 recoveries += 1
                 self._recover(err)
+            except Exception as err:
+                self._checkpoint_after_error(err)
+                raise
 
     def _run_once(self, fn: Callable[..., T], args: tuple[Any, ...], kwargs: dict[str, Any]) -> T:
         context = SessionRunContext(SessionRunArgs(fn, dict(kwargs)), self._session)
@@ -230,6 +309,8 @@ class _MonitoredSession:
                 check_fetches(request.fetches, f"{type(hook).__name__} fetches")
             requests.append((hook, request))
         feeds = merge_feeds(requests, kwargs)
+        if not _optimizers(self._session.optimizer):
+            self._update_started = True  # the step function is the update
         value = self._session.run(fn, *args, **feeds)
         values = [
             SessionRunValues(
@@ -242,6 +323,54 @@ class _MonitoredSession:
             hook.after_run(context, run_values)
         self._stop_requested = self._stop_requested or context.stop_requested
         return value
+
+    def _checkpoint_after_error(self, err: BaseException) -> None:
+        """``checkpoint_on_error``: commit the last completed step before ``err`` propagates."""
+        hook = self._error_saver
+        if not self._checkpoint_on_error or hook is None or not isinstance(err, Exception):
+            return
+        step = self._session.global_step
+        if isinstance(err, NanLossDuringTrainingError):
+            reason = "the loss is NaN"
+        elif self._update_started:
+            reason = "an optimizer step was interrupted, so the state may be half-updated"
+        else:
+            reason = None
+        if reason is not None:
+            logger.warning(
+                "checkpoint_on_error: not saving step %d after %s: %s.",
+                step,
+                type(err).__name__,
+                reason,
+            )
+            return
+        try:
+            path = hook.save_after_error(self._session)
+        except Exception as save_err:
+            logger.error(
+                "checkpoint_on_error: saving step %d after %s failed.",
+                step,
+                type(err).__name__,
+                exc_info=save_err,
+            )
+            note = f"checkpoint_on_error: saving step {step} failed: {save_err}"
+        else:
+            if path is None:
+                logger.info(
+                    "checkpoint_on_error: step %d is saved already; not saving it again.", step
+                )
+                return
+            logger.warning(
+                "checkpoint_on_error: saved %s (step %d) before %s propagates.",
+                path,
+                step,
+                type(err).__name__,
+            )
+            note = f"checkpoint_on_error: the state of step {step} was saved to {path}."
+        try:
+            _add_note(err, note)
+        except Exception:  # a __notes__ that is not a list: the error still propagates
+            logger.debug("Could not add a note to %r", err, exc_info=True)
 
     # -- closing ----------------------------------------------------------------------------------
 
@@ -303,6 +432,9 @@ class _MonitoredSession:
         try:
             self._signals.restore()
         finally:
+            for handle in self._step_hooks:
+                handle.remove()
+            self._step_hooks = []
             self._session.close()
 
     def __enter__(self: _SelfT) -> _SelfT:
@@ -329,13 +461,14 @@ class MonitoredSession(_MonitoredSession):
     When a hook or the step function raises one of ``recoverable_errors``, the session waits for
     saves in flight, restores the newest intact checkpoint (or runs ``scaffold.init_fn``), calls
     every hook's ``after_create_session`` again, and retries the same call, at most
-    ``max_recoveries`` times per call.
+    ``max_recoveries`` times per call. ``checkpoint_on_error`` saves the last completed step
+    before an error that is not recovered propagates (the module docstring gives the rules).
     """
 
     def __init__(
         self,
         model: torch.nn.Module,
-        optimizer: torch.optim.Optimizer | None = None,
+        optimizer: OptimizerArg = None,
         *,
         hooks: Iterable[SessionRunHook] | None = None,
         scaffold: Scaffold | None = None,
@@ -345,6 +478,7 @@ class MonitoredSession(_MonitoredSession):
         recoverable_errors: Iterable[type[BaseException]] = (),
         max_recoveries: int = 3,
         stop_on_signals: Iterable[int] = (),
+        checkpoint_on_error: bool = False,
     ) -> None:
         super().__init__(
             model,
@@ -357,6 +491,7 @@ class MonitoredSession(_MonitoredSession):
             recoverable_errors=_check_error_types(recoverable_errors),
             max_recoveries=max_recoveries,
             stop_on_signals=stop_on_signals,
+            checkpoint_on_error=checkpoint_on_error,
         )
 
 
@@ -366,7 +501,7 @@ class SingularMonitoredSession(_MonitoredSession):
     def __init__(
         self,
         model: torch.nn.Module,
-        optimizer: torch.optim.Optimizer | None = None,
+        optimizer: OptimizerArg = None,
         *,
         hooks: Iterable[SessionRunHook] | None = None,
         scaffold: Scaffold | None = None,
@@ -374,6 +509,7 @@ class SingularMonitoredSession(_MonitoredSession):
         checkpoint_filename_with_path: str | None = None,
         extra_state: Mapping[str, Any] | None = None,
         stop_on_signals: Iterable[int] = (),
+        checkpoint_on_error: bool = False,
     ) -> None:
         super().__init__(
             model,
@@ -386,6 +522,7 @@ class SingularMonitoredSession(_MonitoredSession):
             recoverable_errors=(),
             max_recoveries=0,
             stop_on_signals=stop_on_signals,
+            checkpoint_on_error=checkpoint_on_error,
         )
 
     def raw_session(self) -> Session:

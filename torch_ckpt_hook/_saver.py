@@ -14,20 +14,22 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Literal, overload
 
 import torch
 
-from ._checkpoint_dir import checkpoint_name
+from ._checkpoint_dir import checkpoint_name, step_of
 from ._fsutil import path_key
 from ._in_flight import InFlight
 from ._ownership import inside
 from ._payload_check import check_payload
-from ._retention import Entry, RetentionPolicy
+from ._retention import Entry, Retention, RetentionPolicy
+from ._session import PAYLOAD_KEYS
 from ._staging import StagingArea
 from ._state_file import STATE_FILENAME
 from ._storage import CheckpointStorage, LocalStorage
-from ._validation import check_int, check_number, check_type
+from ._validation import check_int, check_number, check_type, repr_with_type
 from ._writer import SaveHandle, start_write
 
 if TYPE_CHECKING:
@@ -48,6 +50,32 @@ def _on_device(obj: Any) -> bool:
     return False
 
 
+# Keys the payload has or may have (SPEC.md sections 4 and 5.2): never set by ``extra_payload``.
+_RESERVED_KEYS = frozenset(PAYLOAD_KEYS) | {"rank_rng", "rank_state"}
+
+
+def _with_extra_payload(
+    state: dict[str, Any], extra_payload: Mapping[str, Any] | None
+) -> dict[str, Any]:
+    """``state`` with ``extra_payload``'s keys added; none may replace one of the payload's own."""
+    if extra_payload is None:
+        return state
+    if not isinstance(extra_payload, Mapping):
+        raise TypeError(
+            "extra_payload must be a dict of str -> value or None, "
+            f"got {repr_with_type(extra_payload)}"
+        )
+    for key in extra_payload:
+        if not isinstance(key, str):
+            raise TypeError(f"extra_payload keys must be str, got {repr_with_type(key)}")
+        if key in _RESERVED_KEYS or key in state:
+            raise ValueError(
+                f"extra_payload must not set {key!r}, a key of the checkpoint payload itself "
+                f"(reserved: {sorted(_RESERVED_KEYS | set(state))}); give it another name"
+            )
+    return {**state, **extra_payload}
+
+
 @dataclasses.dataclass(frozen=True)
 class _Job:
     """One staged save, handed to the writer thread."""
@@ -60,6 +88,8 @@ class _Job:
     # passes; the saver stages again only after this job finished.
     fence: Fence
     saved_at: float
+    # False for a save that must not make retention delete anything (checkpoint_on_error).
+    apply_retention: bool = True
 
 
 class Saver:
@@ -74,7 +104,9 @@ class Saver:
 
     ``max_to_keep`` of ``None`` or ``0`` keeps and lists every checkpoint. A popped checkpoint
     younger than the keep-every-N-hours threshold is deleted; an older one stays on disk
-    (unlisted) and moves the threshold N hours on, as in TensorFlow. ``drain_timeout_secs``
+    (unlisted) and moves the threshold N hours on, as in TensorFlow. With
+    ``keep_checkpoint_every_n_steps``, a popped checkpoint whose step (the number its name ends
+    with) is a positive multiple of it stays on disk (unlisted) too. ``drain_timeout_secs``
     bounds how long ``wait_until_finished()`` (and so a runner's close) and a save waiting for the
     previous one block; ``None`` waits as long as the write takes.
     """
@@ -83,6 +115,7 @@ class Saver:
         self,
         max_to_keep: int | None = 5,
         keep_checkpoint_every_n_hours: float = 10000.0,
+        keep_checkpoint_every_n_steps: int | None = None,
         *,
         drain_timeout_secs: float | None = 1800.0,
         storage: CheckpointStorage | None = None,
@@ -94,10 +127,17 @@ class Saver:
         timeout = check_number(
             "drain_timeout_secs", drain_timeout_secs, positive=True, allow_none=True
         )
-        self._retention = RetentionPolicy(
+        every_steps = check_int(
+            "keep_checkpoint_every_n_steps",
+            keep_checkpoint_every_n_steps,
+            minimum=1,
+            allow_none=True,
+        )
+        self._retention: Retention = RetentionPolicy(
             check_int("max_to_keep", max_to_keep, minimum=0, allow_none=True),
             float(hours) * 3600.0,
             time.time(),
+            every_steps,
         )
         self._in_flight = InFlight(None if timeout is None else float(timeout))
         self._storage = storage if storage is not None else LocalStorage()
@@ -133,6 +173,8 @@ class Saver:
         global_step: int | None = None,
         *,
         blocking: Literal[True] = True,
+        apply_retention: bool = True,
+        extra_payload: Mapping[str, Any] | None = None,
     ) -> str: ...
 
     @overload
@@ -143,6 +185,8 @@ class Saver:
         global_step: int | None = None,
         *,
         blocking: Literal[False],
+        apply_retention: bool = True,
+        extra_payload: Mapping[str, Any] | None = None,
     ) -> SaveHandle: ...
 
     @overload
@@ -153,6 +197,8 @@ class Saver:
         global_step: int | None = None,
         *,
         blocking: bool,
+        apply_retention: bool = True,
+        extra_payload: Mapping[str, Any] | None = None,
     ) -> str | SaveHandle: ...
 
     def save(
@@ -162,17 +208,24 @@ class Saver:
         global_step: int | None = None,
         *,
         blocking: bool = True,
+        apply_retention: bool = True,
+        extra_payload: Mapping[str, Any] | None = None,
     ) -> str | SaveHandle:
         """Write ``session``'s state to ``f"{save_path}-{global_step}"`` (or ``save_path``).
 
         Returns the checkpoint's path, or with ``blocking=False`` a ``SaveHandle`` (``done()``,
         ``result()``) as soon as the state is staged; the write goes on in the background.
         ``global_step`` only names the file: the payload holds ``session.global_step``.
+        With ``apply_retention=False`` the checkpoint is listed as the latest but retention deletes
+        nothing for it (a save made on the way out of an error); the next save applies it again.
+        ``extra_payload`` adds top-level keys to this checkpoint's payload (``metrics`` for
+        ``BestCheckpointSaverHook``); restore ignores them.
 
         Raises:
             TypeError: a value of the payload would not load with ``weights_only=True`` (the
                 message names it); nothing is staged or written.
-            ValueError: the parent directory of the checkpoint does not exist.
+            ValueError: the parent directory of the checkpoint does not exist, or a key of
+                ``extra_payload`` is one of the payload's own.
             CheckpointSaveError: (blocking) the write failed; the original error is the cause.
                 Also when the previous save is still being written after ``drain_timeout_secs``.
         """
@@ -180,7 +233,7 @@ class Saver:
         directory = os.path.dirname(os.path.abspath(path))
         if not self._storage.is_directory(directory):
             raise ValueError(f"Parent directory of {path} doesn't exist, can't save.")
-        state = session.state_dict()
+        state = _with_extra_payload(session.state_dict(), extra_payload)
         # Before anything is staged or written: a value weights_only loading refuses would make
         # this checkpoint, and every later one, unrestorable.
         check_payload(state)
@@ -190,7 +243,7 @@ class Saver:
         payload, fence = self._staging.stage(state)
         if fence.on_device:
             session.protect_until_copied(fence, coarse=_on_device(state["extra_state"]))
-        job = _Job(path, directory, prefix, payload, fence, self._clock())
+        job = _Job(path, directory, prefix, payload, fence, self._clock(), apply_retention)
         handle = start_write(path, functools.partial(self._commit, job))
         self._in_flight.add(handle)
         return handle.result() if blocking else handle
@@ -236,7 +289,7 @@ class Saver:
         recovered = []
         for path in checkpoint_paths:
             try:
-                recovered.append(Entry(path, self._storage.saved_time(path)))
+                recovered.append(Entry(path, self._storage.saved_time(path), step=step_of(path)))
             except OSError:
                 logger.warning("Checkpoint %s is missing; it is no longer managed.", path)
         with self._lock:
@@ -336,13 +389,17 @@ class Saver:
         try:
             job.fence.wait_on_host()
             self._storage.write(job.path, job.payload)
-            deleted = self._record(Entry(job.path, job.saved_at, job.prefix, vetted=True), job)
+            deleted = self._record(
+                Entry(job.path, job.saved_at, job.prefix, vetted=True, step=step_of(job.path)), job
+            )
             listed = [p for p in self.last_checkpoints if inside(p, job.directory)]
             # A managed file deleted behind the saver's back (by a user, with its directory)
             # stays in the saver's list, as in TensorFlow, but the state file only ever names
             # existing files.
             listed = [p for p in listed if p == job.path or self._storage.exists(p)]
-            self._storage.write_state(job.directory, job.path, listed or [job.path])
+            # The state file names the last listed: the newest, or for a ranked policy the best.
+            latest = listed[-1] if listed else job.path
+            self._storage.write_state(job.directory, latest, listed or [job.path])
         except BaseException as err:
             logger.error("Saving %s failed: %s", job.path, err)
             raise
@@ -360,11 +417,22 @@ class Saver:
         with self._lock:
             kept = [e for e in self._last_checkpoints if path_key(e.path) != key]
             kept.append(entry)
+            if not job.apply_retention:
+                self._last_checkpoints = kept
+                return []
             verdict = self._retention.apply([e for e in kept if inside(e.path, job.directory)])
             for old in verdict.preserved:
-                logger.info("Keeping %s (keep_checkpoint_every_n_hours).", old.path)
+                logger.info(
+                    "Keeping %s (keep_checkpoint_every_n_hours or _every_n_steps).", old.path
+                )
             dropped = {id(e) for e in (*verdict.deleted, *verdict.preserved)}
-            self._last_checkpoints = [e for e in kept if id(e) not in dropped]
+            # The directory's entries take its slots in retention's order (the same for the
+            # age policy; best last for a ranked one), the other directories' stay put.
+            order = iter(verdict.listed)
+            ranked = {id(e) for e in verdict.listed}
+            self._last_checkpoints = [
+                next(order) if id(e) in ranked else e for e in kept if id(e) not in dropped
+            ]
         return verdict.deleted
 
     def _delete(self, entry: Entry, directory: str) -> None:

@@ -6,12 +6,13 @@ import copy
 import functools
 import logging
 import weakref
-from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any, TypeVar
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
 
 import torch
 
 from ._inplace_guard import InplaceGuard
+from ._portable_state import strip_wrapper_prefixes, unwrap_model
 from ._rng import get_rng_state, set_rng_state
 from ._validation import check_int
 
@@ -25,6 +26,9 @@ PAYLOAD_KEYS = ("format_version", "global_step", "model", "optimizer", "extra_st
 
 T = TypeVar("T")
 
+# What Session (and the runners) take as ``optimizer``: one, several (a GAN's two), or none.
+OptimizerArg: TypeAlias = "torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None"
+
 
 def _type_name(value: object) -> str:
     return type(value).__qualname__
@@ -34,24 +38,72 @@ def check_global_step(value: object, name: str = "global_step") -> int:
     return check_int(name, value, minimum=0)
 
 
+def _is_stateful(obj: object) -> bool:
+    return all(callable(getattr(obj, method, None)) for method in ("state_dict", "load_state_dict"))
+
+
+def _is_plain(obj: object) -> bool:
+    """A dict of plain values, saved as its items (an object with state_dict() is not one)."""
+    return isinstance(obj, dict) and not _is_stateful(obj)
+
+
 def check_extra_state(extra_state: object) -> dict[str, Any]:
     if extra_state is None:
         return {}
     if not isinstance(extra_state, Mapping):
         raise TypeError(
             "extra_state must be a dict of name -> object with state_dict() and "
-            f"load_state_dict(), got {_type_name(extra_state)}"
+            f"load_state_dict() or a dict of plain values, got {_type_name(extra_state)}"
         )
     for name, obj in extra_state.items():
         if not isinstance(name, str):
             raise TypeError(f"extra_state keys must be str, got {name!r}")
-        for method in ("state_dict", "load_state_dict"):
-            if not callable(getattr(obj, method, None)):
-                raise TypeError(
-                    f"extra_state[{name!r}] must have a {method}() method, "
-                    f"got {_type_name(obj)} which has none"
-                )
+        if _is_stateful(obj) or isinstance(obj, dict):
+            continue
+        methods = ("state_dict", "load_state_dict")
+        lacking = [m for m in methods if not callable(getattr(obj, m, None))]
+        raise TypeError(
+            f"extra_state[{name!r}] must be an object with state_dict() and load_state_dict() "
+            f"(a scheduler, a GradScaler) or a dict of plain values, got {_type_name(obj)} "
+            f"which has no {' or '.join(f'{m}()' for m in lacking)}"
+        )
     return dict(extra_state)
+
+
+def check_optimizers(optimizer: object) -> list[torch.optim.Optimizer]:
+    """The session's optimizers, in order (empty for None); raises on anything else."""
+    if optimizer is None:
+        return []
+    if isinstance(optimizer, torch.optim.Optimizer):
+        return [optimizer]
+    if not isinstance(optimizer, (list, tuple)):
+        raise TypeError(
+            "optimizer must be a torch.optim.Optimizer, a list of them, or None, "
+            f"got {_type_name(optimizer)}"
+        )
+    if not optimizer:
+        raise ValueError(
+            "optimizer must not be an empty list; pass None for a session without an optimizer"
+        )
+    first_index: dict[int, int] = {}
+    for index, opt in enumerate(optimizer):
+        if not isinstance(opt, torch.optim.Optimizer):
+            raise TypeError(
+                f"optimizer[{index}] must be a torch.optim.Optimizer, got {_type_name(opt)}"
+            )
+        if id(opt) in first_index:
+            raise ValueError(
+                f"optimizer[{index}] is optimizer[{first_index[id(opt)]}] again; "
+                "list each optimizer once"
+            )
+        first_index[id(opt)] = index
+    return list(optimizer)
+
+
+def _restore_plain(target: dict[Any, Any], values: Mapping[Any, Any]) -> None:
+    """Restore a plain-values entry in place: the user's reference sees the restored values."""
+    target.clear()
+    target.update(copy.deepcopy(dict(values)))
 
 
 def _shallow_optimizer_state(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
@@ -69,34 +121,35 @@ class Session:
 
     ``global_step`` counts optimizer updates: a step post-hook on the optimizer adds 1 for every
     ``optimizer.step()`` that runs (a ``GradScaler`` that skips a step skips the count too), so
-    gradient accumulation counts updates, not micro-batches. A session with no optimizer adds 1
-    per ``run()``.
+    gradient accumulation counts updates, not micro-batches. With a list of optimizers (a GAN's
+    two) only the first one's steps count. A session with no optimizer adds 1 per ``run()``.
+
+    The model's state is that of the module inside its DDP and ``torch.compile`` wrappers
+    (``_portable_state``), so checkpoints do not depend on the wrappers.
     """
 
     def __init__(
         self,
         model: torch.nn.Module,
-        optimizer: torch.optim.Optimizer | None = None,
+        optimizer: OptimizerArg = None,
         *,
         extra_state: Mapping[str, Any] | None = None,
         global_step: int = 0,
     ) -> None:
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {_type_name(model)}")
-        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(
-                f"optimizer must be a torch.optim.Optimizer or None, got {_type_name(optimizer)}"
-            )
+        self._optimizers = check_optimizers(optimizer)
+        # A list (even of one) saves a list of states, restorable only into as many optimizers.
+        self._several = isinstance(optimizer, (list, tuple))
         self._model = model
-        self._optimizer = optimizer
         self._extra_state = check_extra_state(extra_state)
         self._global_step = check_global_step(global_step)
         self._step_hook: Any = None
         # The checkpoint the state came from, set by Saver.restore; any other load clears it.
         self._restored_from: str | None = None
         # Holds the next in-place update of a saved tensor until its staging copy has read it.
-        self._guard = InplaceGuard(model, optimizer)
-        if optimizer is not None:
+        self._guard = InplaceGuard(model, self._optimizers)
+        if self._optimizers:
             # A weak reference: the optimizer must not keep a dropped session alive.
             ref = weakref.ref(self)
 
@@ -105,15 +158,23 @@ class Session:
                 if session is not None:
                     session._global_step += 1
 
-            self._step_hook = optimizer.register_step_post_hook(count_step)
+            self._step_hook = self._optimizers[0].register_step_post_hook(count_step)
 
     @property
     def model(self) -> torch.nn.Module:
         return self._model
 
     @property
-    def optimizer(self) -> torch.optim.Optimizer | None:
-        return self._optimizer
+    def optimizer(self) -> torch.optim.Optimizer | list[torch.optim.Optimizer] | None:
+        """The optimizer as given: one, a list of them, or None."""
+        if self._several:
+            return list(self._optimizers)
+        return self._optimizers[0] if self._optimizers else None
+
+    @property
+    def optimizers(self) -> tuple[torch.optim.Optimizer, ...]:
+        """Every optimizer of the session, in order (empty without one)."""
+        return tuple(self._optimizers)
 
     @property
     def extra_state(self) -> dict[str, Any]:
@@ -136,7 +197,7 @@ class Session:
         """Call ``fn(*args, **kwargs)`` with no hooks and return its value."""
         self._guard.before_step()
         value = fn(*args, **kwargs)
-        if self._optimizer is None:
+        if not self._optimizers:
             self._global_step += 1
         return value
 
@@ -151,13 +212,21 @@ class Session:
         """The checkpoint payload (format version 1).
 
         Tensors are the live ones, on their own devices: the ``Saver`` stages them to the CPU.
+        ``optimizer`` is a list of states for a list of optimizers; a plain-values entry of
+        ``extra_state`` is saved as a copy of its items.
         """
+        optimizer_state: Any = [opt.state_dict() for opt in self._optimizers]
+        if not self._several:
+            optimizer_state = optimizer_state[0] if optimizer_state else None
         return {
             "format_version": FORMAT_VERSION,
             "global_step": self._global_step,
-            "model": self._model.state_dict(),
-            "optimizer": None if self._optimizer is None else self._optimizer.state_dict(),
-            "extra_state": {name: obj.state_dict() for name, obj in self._extra_state.items()},
+            "model": unwrap_model(self._model).state_dict(),
+            "optimizer": optimizer_state,
+            "extra_state": {
+                name: dict(obj) if _is_plain(obj) else obj.state_dict()
+                for name, obj in self._extra_state.items()
+            },
             "rng": get_rng_state(),
         }
 
@@ -175,7 +244,8 @@ class Session:
         put back as it was and the error propagates.
         """
         self._check_payload(state_dict)
-        self._check_model_state(state_dict["model"])
+        model = unwrap_model(self._model)
+        model_state = self._check_model_state(model, state_dict["model"])
         self._guard.settle()
         # Undo records, cheap ones only: the RNG states and the extra states are small, and an
         # optimizer's state_dict() refers to tensors that load_state_dict replaces rather than
@@ -186,13 +256,18 @@ class Session:
         try:
             set_rng_state(state_dict["rng"])
             for name, obj in self._extra_state.items():
+                if _is_plain(obj):
+                    undo.append(functools.partial(_restore_plain, obj, copy.deepcopy(obj)))
+                    _restore_plain(obj, state_dict["extra_state"][name])
+                    continue
                 undo.append(functools.partial(obj.load_state_dict, copy.deepcopy(obj.state_dict())))
                 obj.load_state_dict(state_dict["extra_state"][name])
-            if self._optimizer is not None:
-                before = _shallow_optimizer_state(self._optimizer)
-                undo.append(functools.partial(self._optimizer.load_state_dict, before))
-                self._optimizer.load_state_dict(state_dict["optimizer"])
-            self._model.load_state_dict(state_dict["model"])
+            saved = state_dict["optimizer"]
+            for index, optimizer in enumerate(self._optimizers):
+                before = _shallow_optimizer_state(optimizer)
+                undo.append(functools.partial(optimizer.load_state_dict, before))
+                optimizer.load_state_dict(saved[index] if self._several else saved)
+            model.load_state_dict(model_state)
         except BaseException:
             for step in reversed(undo):
                 try:
@@ -205,11 +280,18 @@ class Session:
         self._restored_from = restored_from
         self._global_step = state_dict["global_step"]
 
-    def _check_model_state(self, model_state: object) -> None:
-        """Raise before anything loads when ``model_state`` does not fit the model (strict)."""
+    @staticmethod
+    def _check_model_state(model: torch.nn.Module, model_state: object) -> Mapping[str, Any]:
+        """The state to load into ``model`` (the unwrapped one); raises if it does not fit.
+
+        A state saved with wrapper prefixes on every key (``module.``, ``_orig_mod.``) has them
+        removed when that makes it fit (``strip_wrapper_prefixes``). Checked strictly, before
+        anything loads.
+        """
         if not isinstance(model_state, Mapping):
             raise TypeError(f"state_dict['model'] must be a dict, got {_type_name(model_state)}")
-        expected = self._model.state_dict()
+        expected = model.state_dict()
+        model_state = strip_wrapper_prefixes(model_state, expected.keys())
         missing = [key for key in expected if key not in model_state]
         unexpected = [key for key in model_state if key not in expected]
         wrong_shape = [
@@ -232,6 +314,7 @@ class Session:
                 f"the checkpoint's model state does not fit the model ({', '.join(parts)}); "
                 "nothing was loaded"
             )
+        return model_state
 
     def clear_restored_from(self) -> None:
         """Forget the checkpoint last restored (a runner re-creating the session calls it)."""
@@ -256,10 +339,7 @@ class Session:
                 f"this version of torch_ckpt_hook reads format_version {FORMAT_VERSION}"
             )
         check_global_step(sd["global_step"], "state_dict['global_step']")
-        if self._optimizer is not None and sd["optimizer"] is None:
-            raise ValueError(
-                "the session has an optimizer but the checkpoint holds no optimizer state"
-            )
+        self._check_optimizer_state(sd["optimizer"])
         saved = sd["extra_state"]
         if not isinstance(saved, Mapping):
             raise TypeError(f"state_dict['extra_state'] must be a dict, got {_type_name(saved)}")
@@ -269,5 +349,42 @@ class Session:
                 f"the checkpoint has no state for the session's extra_state entries {absent} "
                 f"(it holds {sorted(saved)})"
             )
+        for name, obj in self._extra_state.items():
+            if _is_plain(obj) and not isinstance(saved[name], Mapping):
+                raise TypeError(
+                    f"state_dict['extra_state'][{name!r}] must be a dict for the session's "
+                    f"plain-values entry {name!r}, got {_type_name(saved[name])}"
+                )
         if not isinstance(sd["rng"], Mapping):
             raise TypeError(f"state_dict['rng'] must be a dict, got {_type_name(sd['rng'])}")
+
+    def _check_optimizer_state(self, saved: object) -> None:
+        """Raise unless ``saved`` holds a state for each of the session's optimizers.
+
+        A session without an optimizer (evaluation) ignores whatever the checkpoint holds.
+        """
+        if not self._optimizers:
+            return
+        if saved is None:
+            raise ValueError(
+                "the session has an optimizer but the checkpoint holds no optimizer state"
+            )
+        count = len(self._optimizers)
+        if not isinstance(saved, (list, tuple)):
+            if self._several:
+                raise ValueError(
+                    f"the session has a list of {count} optimizers but the checkpoint holds the "
+                    "state of a single optimizer (not a list); pass that one optimizer alone"
+                )
+            return
+        if not self._several:
+            raise ValueError(
+                f"the session has a single optimizer but the checkpoint holds a list of "
+                f"{len(saved)} optimizer states; pass a list of {len(saved)} optimizers"
+            )
+        if len(saved) != count:
+            raise ValueError(
+                f"the session has {count} optimizers but the checkpoint holds the states of "
+                f"{len(saved)}; pass the same optimizers, in the same order, as the run that "
+                "wrote it"
+            )

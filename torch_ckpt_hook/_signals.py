@@ -46,8 +46,10 @@ class SignalStopper:
     """Installs handlers that call ``on_signal`` once, then restores the previous handlers.
 
     The handler only records the request: the step in progress finishes, and the runner stops
-    and writes its final checkpoint from the training thread. Later signals are logged and ignored,
-    so a second SIGTERM cannot interrupt the final save.
+    and writes its final checkpoint from the training thread. A later SIGINT (a second Ctrl-C)
+    raises ``KeyboardInterrupt`` at once, wherever the training thread is: the user asked to get
+    out now, final save or not. Other later signals are logged and ignored, so a second SIGTERM
+    (a scheduler repeating itself) cannot interrupt the final save.
     """
 
     def __init__(self, signals: tuple[signal.Signals, ...], on_signal: Callable[[], None]) -> None:
@@ -90,11 +92,16 @@ class SignalStopper:
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         sig = signal.Signals(signum)
         if self._received is not None:
+            if sig == signal.SIGINT:
+                logger.warning("Received SIGINT again while stopping: exiting at once.")
+                raise KeyboardInterrupt
             logger.warning("Received %s again while stopping; ignored.", sig.name)
             return
         self._received = sig
+        again = " Press Ctrl-C again to exit at once." if sig == signal.SIGINT else ""
         logger.warning(
-            "Received %s: stopping after the current step and saving a final checkpoint.",
+            "Received %s: stopping after the current step and saving a final checkpoint.%s",
             sig.name,
+            again,
         )
         self._on_signal()
