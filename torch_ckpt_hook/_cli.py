@@ -27,13 +27,12 @@ from ._cli_commands import (
     PROG,
     CommandFailed,
     demo,
-    export,
     inspect,
     ls,
     verify,
 )
 from ._cli_demo import DEFAULT_DIR, DEFAULT_SAVE_EVERY, DEFAULT_STEPS
-from ._cli_export import DTYPES
+from ._cli_export import DTYPES, export
 from ._cli_format import ConsoleHandler, PrefixFormatter, printable
 from ._fsutil import file_type
 from ._messages import error_line, os_error_reason

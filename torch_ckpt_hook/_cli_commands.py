@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import shlex
-import stat
 import sys
 from collections.abc import Mapping
 from typing import Any
@@ -23,13 +22,6 @@ from ._cli_demo import (
     batch_for_step,
     demo_logging,
     run_demo,
-)
-from ._cli_export import (
-    DTYPES,
-    SAFETENSORS_MISSING,
-    ExportError,
-    export_payload,
-    safetensors_available,
 )
 from ._cli_format import (
     count,
@@ -50,7 +42,6 @@ from ._cli_inventory import (
     list_checkpoints,
 )
 from ._errors import CheckpointError, NanLossDuringTrainingError
-from ._fsutil import file_type, same_path
 from ._integrity import ProblemKind
 
 PROG = "torch-ckpt"
@@ -265,7 +256,7 @@ def _restore_outcome(
 
 def inspect(path: str, *, as_json: bool, verify: bool = True) -> int:
     if os.path.isdir(path):
-        path = _checkpoint_to_inspect(path)
+        path = checkpoint_to_inspect(path)
     try:
         payload = load_checkpoint(path, verify=verify)
     except (CheckpointError, ValueError) as err:
@@ -278,7 +269,7 @@ def inspect(path: str, *, as_json: bool, verify: bool = True) -> int:
     return EXIT_OK
 
 
-def _checkpoint_to_inspect(directory: str, command: str = "inspect") -> str:
+def checkpoint_to_inspect(directory: str, command: str = "inspect") -> str:
     """The checkpoint a new session restores; a warning names the newer ones it passes over.
 
     When restore stops at an unloadable or unreadable checkpoint, that one is shown (``--no-verify``
@@ -403,103 +394,6 @@ def _optimizer_line(optimizer: Mapping[str, Any] | None) -> str:
         line += f", lr {optimizer['lr']:g}"
     with_state = optimizer["parameters_with_state"]
     return line + (f", state for {count(with_state, 'parameter')}" if with_state else ", no state")
-
-
-# ---------------------------------------------------------------------------------------------
-# export
-
-
-def export(
-    src: str,
-    dst: str,
-    *,
-    model_only: bool = False,
-    dtype: str | None = None,
-    safetensors: bool = False,
-    verify: bool = True,
-    force: bool = False,
-) -> int:
-    if safetensors and not safetensors_available():
-        raise CommandFailed(SAFETENSORS_MISSING)
-    _check_destination(dst, force)
-    if os.path.isdir(src):
-        src = _checkpoint_to_inspect(src, command="export")
-        itself = f"the checkpoint SRC stands for ({printable(src)})"
-    else:
-        itself = "SRC itself"
-    if os.path.lexists(dst) and (same_path(src, dst) or os.path.samefile(src, dst)):
-        raise CommandFailed(
-            f"argument DST: expected a path other than SRC's, got {dst!r}, which is {itself}",
-            EXIT_USAGE,
-        )
-    try:
-        payload = load_checkpoint(src, verify=verify)
-    except (CheckpointError, ValueError) as err:
-        raise CommandFailed(printable(str(err))) from err
-    try:
-        done = export_payload(
-            payload,
-            dst,
-            model_only=model_only,
-            dtype=None if dtype is None else DTYPES[dtype],
-            safetensors=safetensors,
-        )
-    except ExportError as err:
-        raise CommandFailed(str(err)) from err
-    if done.skipped:
-        sys.stderr.write(
-            f"{PROG} export: warning: not tensors, so left out of the safetensors file: "
-            f"{', '.join(done.skipped)}\n"
-        )
-    step = payload.get("global_step")
-    source = printable(src) + ("" if step is None else f" (step {printable(str(step))})")
-    size = human_bytes(os.path.getsize(dst))
-    cast = f", {done.cast} cast to {dtype}" if done.cast else ""
-    if done.what == "checkpoint":
-        model_cast = f", {done.cast} model tensors cast to {dtype}" if done.cast else ""
-        what = f"a checkpoint file, {size}{model_cast}"
-        how = "load_checkpoint(DST) loads it, and a session restores it"
-    elif done.what == "model":
-        what = f"the model's tensors, {count(done.tensors, 'tensor')}{cast}, {size}"
-        how = "torch.load(DST, weights_only=True) loads it; torch-ckpt verify checks it"
-    else:
-        what = f"the model's tensors as safetensors, {count(done.tensors, 'tensor')}{cast}, {size}"
-        how = "safetensors.torch.load_file(DST) loads it"
-    print(f"Exported {source} to {printable(dst)}: {what}; {how}.")
-    return EXIT_OK
-
-
-def _check_destination(dst: str, force: bool) -> None:
-    """Refuse a ``DST`` that exists (without ``--force``), that is not a regular file, or whose
-    directory does not exist: the export would fail, or replace what it must not."""
-    try:
-        mode = os.stat(dst).st_mode
-    except FileNotFoundError:
-        mode = None
-    except OSError:
-        mode = None  # the write will say what is wrong
-    if mode is not None and stat.S_ISDIR(mode):
-        raise CommandFailed(
-            f"argument DST: expected a file path, got {dst!r}, which is a directory", EXIT_USAGE
-        )
-    if mode is not None and not stat.S_ISREG(mode):
-        raise CommandFailed(
-            f"argument DST: expected a file path, got {dst!r}, which is {file_type(mode)}",
-            EXIT_USAGE,
-        )
-    if mode is not None and not force:
-        raise CommandFailed(
-            f"argument DST: expected a path where nothing exists, got {dst!r}, which exists; "
-            "pass --force to replace it",
-            EXIT_USAGE,
-        )
-    parent = os.path.dirname(dst) or os.curdir
-    if not os.path.isdir(parent):
-        raise CommandFailed(
-            f"argument DST: expected a path in an existing directory, got {dst!r}, whose "
-            f"directory {parent!r} does not exist",
-            EXIT_USAGE,
-        )
 
 
 # ---------------------------------------------------------------------------------------------

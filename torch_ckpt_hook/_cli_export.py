@@ -11,7 +11,7 @@ Used by the ``torch-ckpt`` command only. Three outputs:
   package), which has no checksum of its own; it is read back once written.
 
 Every output is written to a temporary file beside ``dst`` and renamed onto it, so ``dst`` is
-never seen partly written.
+never seen partly written. The command itself (argument checks, messages) is at the end.
 """
 
 from __future__ import annotations
@@ -19,14 +19,18 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import stat
+import sys
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 
-from ._checkpoint_file import check_checkpoint, write_checkpoint
-from ._cli_format import a_type, printable
-from ._fsutil import atomic_write
+from ._checkpoint_file import check_checkpoint, load_checkpoint, write_checkpoint
+from ._cli_commands import EXIT_OK, EXIT_USAGE, PROG, CommandFailed, checkpoint_to_inspect
+from ._cli_format import a_type, count, human_bytes, printable
+from ._errors import CheckpointError
+from ._fsutil import atomic_write, file_type, same_path
 
 # --dtype's choices: the floating dtypes a model is commonly served in.
 DTYPES: Mapping[str, torch.dtype] = {
@@ -185,3 +189,100 @@ def _write_safetensors(payload: Mapping[str, Any], model: Any, dst: str, cast: i
 def _remove(path: str) -> None:
     with contextlib.suppress(OSError):
         os.remove(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# The command
+
+
+def export(
+    src: str,
+    dst: str,
+    *,
+    model_only: bool = False,
+    dtype: str | None = None,
+    safetensors: bool = False,
+    verify: bool = True,
+    force: bool = False,
+) -> int:
+    if safetensors and not safetensors_available():
+        raise CommandFailed(SAFETENSORS_MISSING)
+    _check_destination(dst, force)
+    if os.path.isdir(src):
+        src = checkpoint_to_inspect(src, command="export")
+        itself = f"the checkpoint SRC stands for ({printable(src)})"
+    else:
+        itself = "SRC itself"
+    if os.path.lexists(dst) and (same_path(src, dst) or os.path.samefile(src, dst)):
+        raise CommandFailed(
+            f"argument DST: expected a path other than SRC's, got {dst!r}, which is {itself}",
+            EXIT_USAGE,
+        )
+    try:
+        payload = load_checkpoint(src, verify=verify)
+    except (CheckpointError, ValueError) as err:
+        raise CommandFailed(printable(str(err))) from err
+    try:
+        done = export_payload(
+            payload,
+            dst,
+            model_only=model_only,
+            dtype=None if dtype is None else DTYPES[dtype],
+            safetensors=safetensors,
+        )
+    except ExportError as err:
+        raise CommandFailed(str(err)) from err
+    if done.skipped:
+        sys.stderr.write(
+            f"{PROG} export: warning: not tensors, so left out of the safetensors file: "
+            f"{', '.join(done.skipped)}\n"
+        )
+    step = payload.get("global_step")
+    source = printable(src) + ("" if step is None else f" (step {printable(str(step))})")
+    size = human_bytes(os.path.getsize(dst))
+    cast = f", {done.cast} cast to {dtype}" if done.cast else ""
+    if done.what == "checkpoint":
+        model_cast = f", {done.cast} model tensors cast to {dtype}" if done.cast else ""
+        what = f"a checkpoint file, {size}{model_cast}"
+        how = "load_checkpoint(DST) loads it, and a session restores it"
+    elif done.what == "model":
+        what = f"the model's tensors, {count(done.tensors, 'tensor')}{cast}, {size}"
+        how = "torch.load(DST, weights_only=True) loads it; torch-ckpt verify checks it"
+    else:
+        what = f"the model's tensors as safetensors, {count(done.tensors, 'tensor')}{cast}, {size}"
+        how = "safetensors.torch.load_file(DST) loads it"
+    print(f"Exported {source} to {printable(dst)}: {what}; {how}.")
+    return EXIT_OK
+
+
+def _check_destination(dst: str, force: bool) -> None:
+    """Refuse a ``DST`` that exists (without ``--force``), that is not a regular file, or whose
+    directory does not exist: the export would fail, or replace what it must not."""
+    try:
+        mode = os.stat(dst).st_mode
+    except FileNotFoundError:
+        mode = None
+    except OSError:
+        mode = None  # the write will say what is wrong
+    if mode is not None and stat.S_ISDIR(mode):
+        raise CommandFailed(
+            f"argument DST: expected a file path, got {dst!r}, which is a directory", EXIT_USAGE
+        )
+    if mode is not None and not stat.S_ISREG(mode):
+        raise CommandFailed(
+            f"argument DST: expected a file path, got {dst!r}, which is {file_type(mode)}",
+            EXIT_USAGE,
+        )
+    if mode is not None and not force:
+        raise CommandFailed(
+            f"argument DST: expected a path where nothing exists, got {dst!r}, which exists; "
+            "pass --force to replace it",
+            EXIT_USAGE,
+        )
+    parent = os.path.dirname(dst) or os.curdir
+    if not os.path.isdir(parent):
+        raise CommandFailed(
+            f"argument DST: expected a path in an existing directory, got {dst!r}, whose "
+            f"directory {parent!r} does not exist",
+            EXIT_USAGE,
+        )
