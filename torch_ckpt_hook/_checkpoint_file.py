@@ -26,15 +26,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ._errors import CheckpointCorruptedError, CheckpointUnloadableError
-from ._fsutil import atomic_write
+from ._fsutil import NotRegularFileError, atomic_write, open_regular_file
 from ._integrity import CheckpointProblem as CheckpointProblem  # re-exported: the verdict type
-from ._integrity import (
-    NotRegularFileError,
-    check_file,
-    checksum_problem,
-    open_regular_file,
-    save_with_checksum,
-)
+from ._integrity import check_file, checksum_problem, save_with_checksum
 from ._messages import error_line
 
 logger = logging.getLogger(__name__)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import io
 import logging
 import os
 import re
@@ -243,26 +244,70 @@ def file_type(mode: int) -> str:
     return "not a regular file"
 
 
+class NotRegularFileError(ValueError):
+    """``path`` names a directory, FIFO, socket or device, which was not opened.
+
+    A ``ValueError``: what stands at the path is not what the caller can read.
+    """
+
+    def __init__(self, path: str, what: str) -> None:
+        super().__init__(f"{path} is {what}, not a regular file")
+        self.path = path
+        self.what = what
+        """``"a FIFO"``, ``"a directory"``, ...: what stands at ``path``."""
+
+
+# O_NONBLOCK: if a FIFO is swapped in between the stat and the open, the open returns at once
+# instead of waiting for a writer. O_NOCTTY: a terminal device never becomes ours.
+_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
+_OPEN_FLAGS = _NONBLOCK | getattr(os, "O_NOCTTY", 0)
+
+
+def _open_without_blocking(path: str, flags: int) -> int:
+    return os.open(path, flags | _OPEN_FLAGS)
+
+
+def open_regular_file(path: str) -> io.BufferedReader:
+    """``path`` opened for reading, when it is a regular file (a symbolic link to one is).
+
+    Anything else is refused unopened: reading a FIFO waits for a writer forever, ``/dev/zero``
+    never ends, and opening some devices has effects (a tape rewinds). The file opened is checked
+    again through its descriptor, so what is read is the regular file that was checked.
+
+    Raises:
+        NotRegularFileError: ``path`` is a directory, FIFO, socket or device.
+        OSError: it does not exist (``FileNotFoundError``) or cannot be opened.
+    """
+    mode = os.stat(path).st_mode
+    if not stat.S_ISREG(mode):
+        raise NotRegularFileError(path, file_type(mode))
+    f = open(path, "rb", opener=_open_without_blocking)  # noqa: SIM115  # the caller closes it
+    try:
+        mode = os.fstat(f.fileno()).st_mode
+        if not stat.S_ISREG(mode):
+            raise NotRegularFileError(path, file_type(mode))
+        if _NONBLOCK:
+            # A slow device's read must wait for its data, not fail with EAGAIN.
+            os.set_blocking(f.fileno(), True)
+    except BaseException:
+        f.close()
+        raise
+    return f
+
+
 def read_small_file(path: str | os.PathLike[str], limit: int) -> bytes:
     """The bytes of the regular file at ``path``, which must hold at most ``limit`` bytes.
 
     A FIFO, a device or a directory under that name is refused at once rather than read (or
-    waited on) forever, and so is a file larger than ``limit``.
+    waited on) forever (``open_regular_file``), and so is a file larger than ``limit``.
 
     Raises:
         FileNotFoundError: nothing is at ``path``.
-        ValueError: ``path`` is not a regular file, or is larger than ``limit``.
+        ValueError: ``path`` is not a regular file (``NotRegularFileError``), or is larger than
+            ``limit``.
         OSError: it cannot be opened or read.
     """
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    try:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            raise ValueError(f"{os.fspath(path)} is {file_type(mode)}, not a regular file")
-    except BaseException:
-        os.close(fd)
-        raise
-    with open(fd, "rb") as f:
+    with open_regular_file(os.fspath(path)) as f:
         data = f.read(limit + 1)
     if len(data) > limit:
         raise ValueError(f"{os.fspath(path)} is larger than {limit} bytes")

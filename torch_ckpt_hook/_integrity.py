@@ -25,11 +25,12 @@ function that answers False on a thread inside ``save_with_checksum`` and defers
 setting everywhere else, so no other ``torch.save`` in the process changes. The records of our
 files then hold CRC 0 (``unzip -t`` complains; ``torch.load`` does not look).
 
-Reading is checked as carefully: ``open_regular_file`` opens only a regular file, so a FIFO, a
-device or a directory under a checkpoint's name is refused at once instead of read forever, and
-``check_file`` sorts every problem into a ``CheckpointProblem`` kind, because what a user (and
-restore) should do differs: a *corrupted* file is damaged; a file with *no checksum* (plain
-``torch.save``) is not known to be damaged at all, and must never be reported as if it were.
+Reading is checked as carefully: ``_fsutil.open_regular_file`` opens only a regular file, so a
+FIFO, a device or a directory under a checkpoint's name is refused at once instead of read
+forever, and ``check_file`` sorts every problem into a ``CheckpointProblem`` kind, because what
+a user (and restore) should do differs: a *corrupted* file is damaged; a file with *no checksum*
+(plain ``torch.save``) is not known to be damaged at all, and must never be reported as if it
+were.
 """
 
 from __future__ import annotations
@@ -38,7 +39,6 @@ import dataclasses
 import io
 import os
 import re
-import stat
 import threading
 import zlib
 from concurrent import futures
@@ -46,12 +46,13 @@ from typing import Any, BinaryIO, Literal
 
 import torch
 
-from ._fsutil import file_type
+from ._fsutil import NotRegularFileError, open_regular_file
 from ._messages import os_error_reason
 
 _EOCD_SIGNATURE = b"PK\x05\x06"
 _EOCD_SIZE = 22
 _TRAILER = re.compile(rb"torch_ckpt_hook crc32=([0-9a-f]{8}) size=([0-9a-f]{16})")
+_TRAILER_START = b"torch_ckpt_hook crc32="
 TRAILER_SIZE = len(b"torch_ckpt_hook crc32=00000000 size=0000000000000000")
 _CHUNK = 8 << 20
 
@@ -203,52 +204,21 @@ class CheckpointProblem:
         return self.message
 
 
-class NotRegularFileError(Exception):
-    """``path`` names a directory, FIFO, socket or device, which was not opened."""
+def has_trailer(path: str) -> bool:
+    """Whether the regular file at ``path`` ends in this package's checksum trailer.
 
-    def __init__(self, path: str, what: str) -> None:
-        super().__init__(f"{path} is {what}, not a regular file")
-        self.path = path
-        self.what = what
-        """``"a FIFO"``, ``"a directory"``, ...: what stands at ``path``."""
-
-
-# O_NONBLOCK: if a FIFO is swapped in between the stat and the open, the open returns at once
-# instead of waiting for a writer. O_NOCTTY: a terminal device never becomes ours.
-_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
-_OPEN_FLAGS = _NONBLOCK | getattr(os, "O_NOCTTY", 0)
-
-
-def _open_without_blocking(path: str, flags: int) -> int:
-    return os.open(path, flags | _OPEN_FLAGS)
-
-
-def open_regular_file(path: str) -> io.BufferedReader:
-    """``path`` opened for reading, when it is a regular file (a symbolic link to one is).
-
-    Anything else is refused unopened: reading a FIFO waits for a writer forever, ``/dev/zero``
-    never ends, and opening some devices has effects (a tape rewinds). The file opened is checked
-    again through its descriptor, so what is read is the regular file that was checked.
-
-    Raises:
-        NotRegularFileError: ``path`` is a directory, FIFO, socket or device.
-        OSError: it does not exist (``FileNotFoundError``) or cannot be opened.
+    Only the trailer's opening is looked at, not the checksum: the proof that this package
+    wrote the file, for retention (``_ownership``), not a verdict on its integrity.
     """
-    mode = os.stat(path).st_mode
-    if not stat.S_ISREG(mode):
-        raise NotRegularFileError(path, file_type(mode))
-    f = open(path, "rb", opener=_open_without_blocking)  # noqa: SIM115  # the caller closes it
     try:
-        mode = os.fstat(f.fileno()).st_mode
-        if not stat.S_ISREG(mode):
-            raise NotRegularFileError(path, file_type(mode))
-        if _NONBLOCK:
-            # A slow device's read must wait for its data, not fail with EAGAIN.
-            os.set_blocking(f.fileno(), True)
-    except BaseException:
-        f.close()
-        raise
-    return f
+        with open_regular_file(path) as f:
+            size = os.fstat(f.fileno()).st_size
+            if size < TRAILER_SIZE:
+                return False
+            f.seek(size - TRAILER_SIZE)
+            return f.read(TRAILER_SIZE).startswith(_TRAILER_START)
+    except (OSError, NotRegularFileError):
+        return False
 
 
 def check_file(path: str) -> CheckpointProblem | None:

@@ -14,10 +14,8 @@ import os
 import re
 import stat
 
-from ._integrity import TRAILER_SIZE
+from ._integrity import has_trailer
 from ._state_file import STATE_FILENAME
-
-_TRAILER_START = b"torch_ckpt_hook crc32="
 
 
 def inside(path: str, directory: str) -> bool:
@@ -47,23 +45,6 @@ def why_not_deletable(path: str, directory: str, prefix: str | None) -> str | No
         return f"it cannot be examined ({err.strerror or err})"
     if not stat.S_ISREG(mode):
         return "it is not a regular file (a link, a directory or a device)"
-    if not _has_trailer(path):
+    if not has_trailer(path):
         return "it does not end in torch_ckpt_hook's checksum trailer"
     return None
-
-
-def _has_trailer(path: str) -> bool:
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
-    except OSError:
-        return False
-    try:
-        size = os.fstat(fd).st_size
-        if size < TRAILER_SIZE:
-            return False
-        os.lseek(fd, size - TRAILER_SIZE, os.SEEK_SET)
-        return os.read(fd, TRAILER_SIZE).startswith(_TRAILER_START)
-    except OSError:
-        return False
-    finally:
-        os.close(fd)
