@@ -160,6 +160,8 @@ class CheckpointSaverHook(SessionRunHook):
         self._committed_step: int | None = None
         # The session of the latest hook call, for after_save calls made from wait_until_finished.
         self._session: Session | None = None
+        # Distributed: the runner's per-step agreement decides the saves (_agreement).
+        self._agreed = False
 
     @property
     def save_path(self) -> str:
@@ -195,21 +197,34 @@ class CheckpointSaverHook(SessionRunHook):
             and same_path(latest, path)
             and same_path(session.restored_from, path)
         )
+        if self._agreed:
+            # Every rank saves, or none: the chief's view of the directory decides.
+            just_restored = bool(session.checkpoint_group.broadcast(just_restored))
         if just_restored:
             self._committed_step = global_step
         else:
             self._save(session, global_step, may_stop=False, failures=failures)
+            if self._agreed:
+                self._wait_for_in_flight(failures)  # so every rank reports it at once
         self._timer.update_last_triggered_step(global_step)
         self._poll(session, failures)
         failures.raise_first()
 
     def before_run(self, run_context: SessionRunContext) -> None:
+        if self._agreed:
+            return None  # saves are looked at in after_agreement, at the same step everywhere
         failures = Failures()
         self._poll(run_context.session, failures)
         failures.raise_first()
         return None
 
     def after_run(self, run_context: SessionRunContext, run_values: SessionRunValues) -> None:
+        if self._agreed:
+            # The save waits for the agreement; a listener's stop is this step's proposal.
+            if self._stop_pending:
+                self._stop_pending = False
+                run_context.request_stop()
+            return
         session = run_context.session
         failures = Failures()
         # An earlier save's failure or a listener's error must not cost this step its save.
@@ -261,6 +276,34 @@ class CheckpointSaverHook(SessionRunHook):
                     f"end(session, {last_step})",
                     "the other listeners' end() still ran",
                 )
+        failures.raise_first()
+
+    # -- the distributed agreement (_agreement.AgreedSaves) ------------------------------------
+
+    def join_agreement(self) -> None:
+        """Save only when the runner's per-step agreement says so (a distributed runner)."""
+        self._agreed = True
+
+    def proposal(self, run_context: SessionRunContext) -> tuple[int, int]:
+        """``(save, busy)``: the chief's timer fires now; a save of this rank is in flight."""
+        session = run_context.session
+        save = session.checkpoint_group.is_chief and self._timer.should_trigger_for_step(
+            session.global_step
+        )
+        return int(save), int(any(not pending.handle.done() for pending in self._pending))
+
+    def after_agreement(self, run_context: SessionRunContext, save: bool, settled: bool) -> None:
+        """Save when every rank agreed to; report finished saves once every rank's is."""
+        session = run_context.session
+        failures = Failures()
+        if settled:
+            self._poll(session, failures)
+        if save:
+            step = session.global_step
+            self._timer.update_last_triggered_step(step)
+            self._save(session, step, may_stop=True, failures=failures)
+            if not self._async_save or any(not ls.run_after_commit for ls in self._listeners):
+                self._poll(session, failures)  # that save was waited for, on every rank
         failures.raise_first()
 
     # -- saving ------------------------------------------------------------------------------

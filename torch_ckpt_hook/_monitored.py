@@ -30,9 +30,11 @@ from typing import Any, TypeVar
 
 import torch
 
+from ._agreement import StepAgreement
 from ._best_hook import BestCheckpointSaverHook
 from ._checkpoint_hook import CheckpointSaverHook
 from ._coordinator import Coordinator
+from ._distributed import CheckpointGroup, SingleProcessGroup, open_checkpoint_group
 from ._errors import NanLossDuringTrainingError
 from ._faults import _add_note
 from ._fetches import check_fetches, merge_feeds, resolve_fetches
@@ -144,6 +146,7 @@ class _MonitoredSession:
         max_recoveries: int,
         stop_on_signals: Iterable[int],
         checkpoint_on_error: bool,
+        rank_state: Mapping[str, Any] | None = None,
     ) -> None:
         self._state = _State.NEW
         self._hooks = _check_hooks(hooks, "hooks")
@@ -176,13 +179,17 @@ class _MonitoredSession:
         self._coord = Coordinator()
         self._signals = SignalStopper(check_signals(stop_on_signals), self._coord.request_stop)
         self._stop_requested = False
-        self._session = Session(model, optimizer, extra_state=extra_state)
+        self._session = Session(model, optimizer, extra_state=extra_state, rank_state=rank_state)
+        # The package's own process group (several ranks) and the per-step agreement over it.
+        self._group: CheckpointGroup = SingleProcessGroup()
+        self._agreement: StepAgreement | None = None
         self._restored_from: str | None = None
         # Whether the current run() call entered an optimizer step (or, with no optimizer, the
         # step function): checkpoint_on_error saves nothing then. Set by a step pre-hook.
         self._update_started = False
         self._step_hooks: list[Any] = []
         try:
+            self._open_group()
             self._watch_optimizer_steps()
             for hook in self._hooks:
                 hook.begin()
@@ -200,6 +207,13 @@ class _MonitoredSession:
         self._state = _State.OPEN
 
     # -- creation and recovery ------------------------------------------------------------------
+
+    def _open_group(self) -> None:
+        """With ``torch.distributed`` running several ranks: our group, and the agreement."""
+        self._group = open_checkpoint_group()
+        self._session.set_checkpoint_group(self._group)
+        if self._group.distributed:
+            self._agreement = StepAgreement(self._group, self._hooks)
 
     def _watch_optimizer_steps(self) -> None:
         if not self._checkpoint_on_error:
@@ -260,7 +274,11 @@ class _MonitoredSession:
 
     def should_stop(self) -> bool:
         """Whether the loop should end: closed, a hook asked to stop, or the coordinator did."""
-        return self._state is _State.CLOSED or self._stop_requested or self._coord.should_stop()
+        if self._state is _State.CLOSED or self._stop_requested:
+            return True
+        # Distributed, a stop through the coordinator (a signal) waits for the next agreement,
+        # so that every rank stops after the same step.
+        return self._agreement is None and self._coord.should_stop()
 
     def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run ``fn(*args, **kwargs)`` as one step, with every hook called around it.
@@ -321,6 +339,10 @@ class _MonitoredSession:
         ]
         for (hook, _request), run_values in zip(requests, values, strict=True):
             hook.after_run(context, run_values)
+        if self._agreement is not None:
+            asked = context.stop_requested or self._coord.should_stop()
+            if self._agreement.after_step(context, asked):
+                context.request_stop()
         self._stop_requested = self._stop_requested or context.stop_requested
         return value
 
@@ -328,6 +350,15 @@ class _MonitoredSession:
         """``checkpoint_on_error``: commit the last completed step before ``err`` propagates."""
         hook = self._error_saver
         if not self._checkpoint_on_error or hook is None or not isinstance(err, Exception):
+            return
+        if self._group.distributed:
+            # A save takes every rank; the others do not know this one failed.
+            logger.warning(
+                "checkpoint_on_error: not saving after %s: with %d ranks a save needs every "
+                "rank, and only this one failed.",
+                type(err).__name__,
+                self._group.world_size,
+            )
             return
         step = self._session.global_step
         if isinstance(err, NanLossDuringTrainingError):
@@ -436,6 +467,7 @@ class _MonitoredSession:
                 handle.remove()
             self._step_hooks = []
             self._session.close()
+            self._group.close()
 
     def __enter__(self: _SelfT) -> _SelfT:
         self._check_open("entering a with block")
@@ -479,6 +511,7 @@ class MonitoredSession(_MonitoredSession):
         max_recoveries: int = 3,
         stop_on_signals: Iterable[int] = (),
         checkpoint_on_error: bool = False,
+        rank_state: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__(
             model,
@@ -492,6 +525,7 @@ class MonitoredSession(_MonitoredSession):
             max_recoveries=max_recoveries,
             stop_on_signals=stop_on_signals,
             checkpoint_on_error=checkpoint_on_error,
+            rank_state=rank_state,
         )
 
 
@@ -510,6 +544,7 @@ class SingularMonitoredSession(_MonitoredSession):
         extra_state: Mapping[str, Any] | None = None,
         stop_on_signals: Iterable[int] = (),
         checkpoint_on_error: bool = False,
+        rank_state: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__(
             model,
@@ -523,6 +558,7 @@ class SingularMonitoredSession(_MonitoredSession):
             max_recoveries=0,
             stop_on_signals=stop_on_signals,
             checkpoint_on_error=checkpoint_on_error,
+            rank_state=rank_state,
         )
 
     def raw_session(self) -> Session:

@@ -20,12 +20,15 @@ from typing import TYPE_CHECKING, Any, Literal, overload
 import torch
 
 from ._checkpoint_dir import checkpoint_name, step_of
+from ._dist_save import SHARDED_KEYS, commit_everywhere, gather_payload
 from ._fsutil import path_key
 from ._in_flight import InFlight
 from ._ownership import inside
 from ._payload_check import check_payload
 from ._retention import Entry, Retention, RetentionPolicy
 from ._session import PAYLOAD_KEYS
+from ._sharded_dir import FileDigest
+from ._sharded_storage import ShardedStorage, read_sharded
 from ._staging import StagingArea
 from ._state_file import STATE_FILENAME
 from ._storage import CheckpointStorage, LocalStorage
@@ -34,6 +37,7 @@ from ._writer import SaveHandle, start_write
 
 if TYPE_CHECKING:
     from ._copy_engine import Fence
+    from ._distributed import CheckpointGroup
     from ._session import Session
 
 logger = logging.getLogger(__name__)
@@ -90,6 +94,9 @@ class _Job:
     saved_at: float
     # False for a save that must not make retention delete anything (checkpoint_on_error).
     apply_retention: bool = True
+    # A save every rank of ``group`` takes part in (_dist_save); ``sharded``: through DCP.
+    group: CheckpointGroup | None = None
+    sharded: bool = False
 
 
 class Saver:
@@ -233,6 +240,11 @@ class Saver:
         directory = os.path.dirname(os.path.abspath(path))
         if not self._storage.is_directory(directory):
             raise ValueError(f"Parent directory of {path} doesn't exist, can't save.")
+        if session.checkpoint_group.distributed or session.sharded:
+            handle = self._save_everywhere(
+                session, path, directory, save_path, global_step, apply_retention, extra_payload
+            )
+            return handle.result() if blocking else handle
         state = _with_extra_payload(session.state_dict(), extra_payload)
         # Before anything is staged or written: a value weights_only loading refuses would make
         # this checkpoint, and every later one, unrestorable.
@@ -247,6 +259,50 @@ class Saver:
         handle = start_write(path, functools.partial(self._commit, job))
         self._in_flight.add(handle)
         return handle.result() if blocking else handle
+
+    def _save_everywhere(
+        self,
+        session: Session,
+        path: str,
+        directory: str,
+        save_path: str,
+        global_step: int | None,
+        apply_retention: bool,
+        extra_payload: Mapping[str, Any] | None,
+    ) -> SaveHandle:
+        """A save every rank makes together: the chief's file, or every rank's shards."""
+        group = session.checkpoint_group
+        sharded = session.sharded
+        state = _with_extra_payload(session.state_dict(), extra_payload)
+        payload = gather_payload(state, session.local_rank_state(), group, sharded=sharded)
+        self._in_flight.wait_for_previous(path)
+        prefix = None if global_step is None else os.path.basename(os.fspath(save_path))
+        if group.is_chief:
+            self._open_directory(directory, prefix)
+        shards: dict[str, Any] = {}
+        if sharded:
+            from torch.distributed.checkpoint.staging import BlockingAsyncStager
+
+            # A copy on the CPU, taken now: the save holds this step's state whatever
+            # training does next (DCP's own stager).
+            parts = {key: state[key] for key in SHARDED_KEYS if state[key] is not None}
+            shards = BlockingAsyncStager().stage(parts)
+        rest = {k: v for k, v in (payload or {}).items() if not (sharded and k in SHARDED_KEYS)}
+        staged, fence = self._staging.stage(rest)
+        job = _Job(
+            path,
+            directory,
+            prefix,
+            {**staged, **shards},
+            fence,
+            self._clock(),
+            apply_retention,
+            group=group,
+            sharded=sharded,
+        )
+        handle = start_write(path, functools.partial(self._commit, job))
+        self._in_flight.add(handle)
+        return handle
 
     def wait_for_previous_save(self, next_name: str | None = None) -> None:
         """Wait for the save still being written, if any (before saving ``next_name``).
@@ -275,9 +331,11 @@ class Saver:
         if save_path is None:
             raise ValueError("Can't load save_path when it is None.")
         logger.info("Restoring parameters from %s", save_path)
-        session.load_state_dict(
-            self._storage.read(save_path), restored_from=os.path.abspath(save_path)
-        )
+        if os.path.isdir(save_path):
+            payload = read_sharded(session, save_path)
+        else:
+            payload = self._storage.read(save_path)
+        session.load_state_dict(payload, restored_from=os.path.abspath(save_path))
 
     def recover_last_checkpoints(self, checkpoint_paths: list[str]) -> None:
         """Adopt ``checkpoint_paths`` (oldest first), dropping missing ones; mtimes become ages.
@@ -386,6 +444,9 @@ class Saver:
 
     def _commit(self, job: _Job) -> None:
         """Wait for the staging copies; write the file, then the state file, then delete."""
+        if job.group is not None:
+            self._commit_everywhere(job, job.group)
+            return
         try:
             job.fence.wait_on_host()
             self._storage.write(job.path, job.payload)
@@ -404,6 +465,39 @@ class Saver:
             logger.error("Saving %s failed: %s", job.path, err)
             raise
         for entry in deleted:
+            self._delete(entry, job.directory)
+
+    def _commit_everywhere(self, job: _Job, group: CheckpointGroup) -> None:
+        """A distributed save's writer thread, on every rank (``_dist_save``)."""
+        sharded = ShardedStorage(group, self._storage) if job.sharded else None
+
+        def write_local() -> dict[str, tuple[int, int]]:
+            job.fence.wait_on_host()
+            if sharded is not None:
+                sharded.write(job.path, job.payload)
+                return {n: (d.size, d.crc32) for n, d in sharded.digests(job.path).items()}
+            if group.is_chief:
+                self._storage.write(job.path, job.payload)
+            return {}
+
+        def commit(files: dict[str, tuple[int, int]]) -> list[Entry]:
+            if sharded is not None:
+                digests = {name: FileDigest(*value) for name, value in files.items()}
+                sharded.finish(job.path, int(job.payload["global_step"]), digests)
+            entry = Entry(job.path, job.saved_at, job.prefix, vetted=True, step=step_of(job.path))
+            deleted = self._record(entry, job)
+            listed = [p for p in self.last_checkpoints if inside(p, job.directory)]
+            listed = [p for p in listed if p == job.path or self._storage.exists(p)]
+            latest = listed[-1] if listed else job.path
+            self._storage.write_state(job.directory, latest, listed or [job.path])
+            return deleted
+
+        try:
+            deleted = commit_everywhere(group, job.path, write_local, commit)
+        except BaseException as err:
+            logger.error("Saving %s failed: %s", job.path, err)
+            raise
+        for entry in deleted or []:
             self._delete(entry, job.directory)
 
     def _record(self, entry: Entry, job: _Job) -> list[Entry]:

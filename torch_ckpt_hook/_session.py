@@ -11,9 +11,13 @@ from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
 
 import torch
 
+from ._distributed import CheckpointGroup, SingleProcessGroup
 from ._inplace_guard import InplaceGuard
 from ._portable_state import strip_wrapper_prefixes, unwrap_model
+from ._rank_state import rank_entry, rng_to_restore
 from ._rng import get_rng_state, set_rng_state
+from ._sharded_dir import SHARDED_KEY
+from ._sharded_state import get_sharded_state, is_sharded, set_sharded_state
 from ._validation import check_int
 
 if TYPE_CHECKING:
@@ -47,23 +51,23 @@ def _is_plain(obj: object) -> bool:
     return isinstance(obj, dict) and not _is_stateful(obj)
 
 
-def check_extra_state(extra_state: object) -> dict[str, Any]:
+def check_extra_state(extra_state: object, what: str = "extra_state") -> dict[str, Any]:
     if extra_state is None:
         return {}
     if not isinstance(extra_state, Mapping):
         raise TypeError(
-            "extra_state must be a dict of name -> object with state_dict() and "
+            f"{what} must be a dict of name -> object with state_dict() and "
             f"load_state_dict() or a dict of plain values, got {_type_name(extra_state)}"
         )
     for name, obj in extra_state.items():
         if not isinstance(name, str):
-            raise TypeError(f"extra_state keys must be str, got {name!r}")
+            raise TypeError(f"{what} keys must be str, got {name!r}")
         if _is_stateful(obj) or isinstance(obj, dict):
             continue
         methods = ("state_dict", "load_state_dict")
         lacking = [m for m in methods if not callable(getattr(obj, m, None))]
         raise TypeError(
-            f"extra_state[{name!r}] must be an object with state_dict() and load_state_dict() "
+            f"{what}[{name!r}] must be an object with state_dict() and load_state_dict() "
             f"(a scheduler, a GradScaler) or a dict of plain values, got {_type_name(obj)} "
             f"which has no {' or '.join(f'{m}()' for m in lacking)}"
         )
@@ -135,6 +139,7 @@ class Session:
         *,
         extra_state: Mapping[str, Any] | None = None,
         global_step: int = 0,
+        rank_state: Mapping[str, Any] | None = None,
     ) -> None:
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {_type_name(model)}")
@@ -143,6 +148,10 @@ class Session:
         self._several = isinstance(optimizer, (list, tuple))
         self._model = model
         self._extra_state = check_extra_state(extra_state)
+        # Objects whose state differs per rank (SPEC 5.2): saved as the payload's rank_state.
+        self._rank_state = check_extra_state(rank_state, "rank_state")
+        # The ranks of the run; a runner sets the package's own group at creation.
+        self._group: CheckpointGroup = SingleProcessGroup()
         self._global_step = check_global_step(global_step)
         self._step_hook: Any = None
         # The checkpoint the state came from, set by Saver.restore; any other load clears it.
@@ -181,6 +190,34 @@ class Session:
         return self._extra_state
 
     @property
+    def rank_state(self) -> dict[str, Any]:
+        """The objects whose state is saved per rank (``rank_state`` in the payload)."""
+        return self._rank_state
+
+    @property
+    def checkpoint_group(self) -> CheckpointGroup:
+        """The ranks taking part in this session's checkpoints (one without a runner)."""
+        return self._group
+
+    def set_checkpoint_group(self, group: CheckpointGroup) -> None:
+        """Use ``group`` for checkpoint collectives (the runners call it at creation)."""
+        self._group = group
+
+    @property
+    def sharded(self) -> bool:
+        """Whether the model is sharded (DTensor parameters): saved through DCP."""
+        return is_sharded(self._model)
+
+    def local_rank_state(self) -> dict[str, Any] | None:
+        """This rank's ``rank_state`` entry, or None when the session has no such objects."""
+        if not self._rank_state:
+            return None
+        return {
+            name: dict(obj) if _is_plain(obj) else obj.state_dict()
+            for name, obj in self._rank_state.items()
+        }
+
+    @property
     def restored_from(self) -> str | None:
         """The absolute path of the checkpoint last restored into this session, if any."""
         return self._restored_from
@@ -215,13 +252,18 @@ class Session:
         ``optimizer`` is a list of states for a list of optimizers; a plain-values entry of
         ``extra_state`` is saved as a copy of its items.
         """
-        optimizer_state: Any = [opt.state_dict() for opt in self._optimizers]
-        if not self._several:
-            optimizer_state = optimizer_state[0] if optimizer_state else None
-        return {
+        optimizer_state: Any
+        if self.sharded:
+            model_state, optimizer_state = get_sharded_state(self._model, self._optimizers)
+        else:
+            model_state = unwrap_model(self._model).state_dict()
+            optimizer_state = [opt.state_dict() for opt in self._optimizers]
+            if not self._several:
+                optimizer_state = optimizer_state[0] if optimizer_state else None
+        state = {
             "format_version": FORMAT_VERSION,
             "global_step": self._global_step,
-            "model": unwrap_model(self._model).state_dict(),
+            "model": model_state,
             "optimizer": optimizer_state,
             "extra_state": {
                 name: dict(obj) if _is_plain(obj) else obj.state_dict()
@@ -229,6 +271,11 @@ class Session:
             },
             "rng": get_rng_state(),
         }
+        rank_state = self.local_rank_state()
+        if rank_state is not None:
+            # One rank's list; a distributed save gathers every rank's (SPEC 5.2).
+            state["rank_state"] = [rank_state]
+        return state
 
     def load_state_dict(
         self, state_dict: Mapping[str, Any], *, restored_from: str | None = None
@@ -245,7 +292,14 @@ class Session:
         """
         self._check_payload(state_dict)
         model = unwrap_model(self._model)
-        model_state = self._check_model_state(model, state_dict["model"])
+        # A payload read from a sharded checkpoint (get_state_dict's layout) loads through
+        # set_state_dict; DCP read it into this model's own template, so it fits.
+        sharded = SHARDED_KEY in state_dict
+        model_state = (
+            state_dict["model"] if sharded else self._check_model_state(model, state_dict["model"])
+        )
+        rng_state = rng_to_restore(state_dict, self._group)
+        rank_saved = self._check_rank_state(state_dict)
         self._guard.settle()
         # Undo records, cheap ones only: the RNG states and the extra states are small, and an
         # optimizer's state_dict() refers to tensors that load_state_dict replaces rather than
@@ -254,14 +308,26 @@ class Session:
         rng = get_rng_state()
         undo: list[Callable[[], object]] = [functools.partial(set_rng_state, rng)]
         try:
-            set_rng_state(state_dict["rng"])
-            for name, obj in self._extra_state.items():
-                if _is_plain(obj):
-                    undo.append(functools.partial(_restore_plain, obj, copy.deepcopy(obj)))
-                    _restore_plain(obj, state_dict["extra_state"][name])
-                    continue
-                undo.append(functools.partial(obj.load_state_dict, copy.deepcopy(obj.state_dict())))
-                obj.load_state_dict(state_dict["extra_state"][name])
+            set_rng_state(rng_state)
+            for objects, saved_states in (
+                (self._extra_state, state_dict["extra_state"]),
+                (self._rank_state, rank_saved),
+            ):
+                for name, obj in objects.items():
+                    if _is_plain(obj):
+                        undo.append(functools.partial(_restore_plain, obj, copy.deepcopy(obj)))
+                        _restore_plain(obj, saved_states[name])
+                        continue
+                    previous = copy.deepcopy(obj.state_dict())
+                    undo.append(functools.partial(obj.load_state_dict, previous))
+                    obj.load_state_dict(saved_states[name])
+            if sharded:
+                set_sharded_state(
+                    self._model, self._optimizers, model_state, state_dict["optimizer"]
+                )
+                self._restored_from = restored_from
+                self._global_step = state_dict["global_step"]
+                return
             saved = state_dict["optimizer"]
             for index, optimizer in enumerate(self._optimizers):
                 before = _shallow_optimizer_state(optimizer)
@@ -316,6 +382,28 @@ class Session:
             )
         return model_state
 
+    def _check_rank_state(self, sd: Mapping[str, Any]) -> Mapping[str, Any]:
+        """This rank's saved ``rank_state`` entry; raises when it lacks one of the objects."""
+        if not self._rank_state:
+            return {}
+        if "rank_state" not in sd:
+            raise ValueError(
+                f"the checkpoint has no rank_state, but the session has rank_state entries "
+                f"{sorted(self._rank_state)}"
+            )
+        mine = rank_entry(sd["rank_state"], self._group, "rank_state")
+        if not isinstance(mine, Mapping):
+            raise TypeError(
+                f"state_dict['rank_state'] entries must be dicts, got {_type_name(mine)}"
+            )
+        absent = sorted(set(self._rank_state) - set(mine))
+        if absent:
+            raise ValueError(
+                f"the checkpoint has no state for the session's rank_state entries {absent} "
+                f"(it holds {sorted(mine)})"
+            )
+        return mine
+
     def clear_restored_from(self) -> None:
         """Forget the checkpoint last restored (a runner re-creating the session calls it)."""
         self._restored_from = None
@@ -339,7 +427,8 @@ class Session:
                 f"this version of torch_ckpt_hook reads format_version {FORMAT_VERSION}"
             )
         check_global_step(sd["global_step"], "state_dict['global_step']")
-        self._check_optimizer_state(sd["optimizer"])
+        if SHARDED_KEY not in sd:
+            self._check_optimizer_state(sd["optimizer"])
         saved = sd["extra_state"]
         if not isinstance(saved, Mapping):
             raise TypeError(f"state_dict['extra_state'] must be a dict, got {_type_name(saved)}")

@@ -15,11 +15,12 @@ import os
 import stat
 
 from ._checkpoint_dir import RestoreChoice, choose_restore, restore_candidates
-from ._checkpoint_file import CheckpointProblem
+from ._checkpoint_file import CheckpointProblem, check_checkpoint
 from ._errors import CheckpointCorruptedError, CheckpointError, CheckpointUnloadableError
 from ._fsutil import file_type
 from ._scaffold import Scaffold
 from ._session import Session
+from ._sharded_storage import manifest_problem
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +59,8 @@ def _restore_from(session: Session, scaffold: Scaffold, checkpoint_dir: str) -> 
             mode = os.stat(path).st_mode
         except OSError:
             mode = None  # the load reports it
-        if mode is not None and not stat.S_ISREG(mode):
+        # A directory is a sharded checkpoint (its manifest is checked when it is read).
+        if mode is not None and not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):
             return CheckpointProblem(
                 "not_a_file", f"not a checkpoint file: it is {file_type(mode)}"
             )
@@ -100,6 +102,10 @@ def prepare_session(
         CheckpointUnloadableError: the newest checkpoint that is not damaged cannot be loaded.
     """
     session.clear_restored_from()
+    if session.checkpoint_group.distributed:
+        return _prepare_distributed(
+            session, scaffold, checkpoint_dir, checkpoint_filename_with_path
+        )
     if checkpoint_filename_with_path is not None:
         scaffold.get_saver().restore(session, checkpoint_filename_with_path)
         return checkpoint_filename_with_path
@@ -111,3 +117,66 @@ def prepare_session(
     if scaffold.init_fn is not None:
         scaffold.init_fn(scaffold, session)
     return None
+
+
+def _examine(path: str) -> CheckpointProblem | None:
+    """A candidate's problem by its checksums (a sharded one by its manifest), without loading."""
+    if os.path.isdir(path):
+        return manifest_problem(path)
+    return check_checkpoint(path)
+
+
+def _prepare_distributed(
+    session: Session,
+    scaffold: Scaffold,
+    checkpoint_dir: str | None,
+    checkpoint_filename_with_path: str | None,
+) -> str | None:
+    """Every rank restores the checkpoint the chief chose (SPEC.md section 3 "Distributed").
+
+    The chief chooses by checksums (skipping damaged checkpoints with a warning) and broadcasts
+    its choice, or its refusal; every rank then restores that one (together: a sharded one is
+    read collectively), and the ranks agree that every one of them did before any trains.
+
+    Raises:
+        CheckpointError: the chief refused (as ``prepare_session``), or some rank could not
+            restore the chosen checkpoint (on every rank).
+    """
+    group = session.checkpoint_group
+    choice: tuple[str | None, str | None] = (None, None)
+    if group.is_chief:
+        if checkpoint_filename_with_path is not None:
+            choice = (checkpoint_filename_with_path, None)
+        elif checkpoint_dir is not None and os.path.isdir(checkpoint_dir):
+            restore = choose_restore(restore_candidates(checkpoint_dir), _examine)
+            for path, problem in restore.skipped:
+                logger.warning("Skipping checkpoint %s: %s", path, problem.message)
+            if restore.refused:
+                choice = (None, str(_refusal(checkpoint_dir, restore)))
+            else:
+                choice = (restore.path, None)
+    chosen: tuple[str | None, str | None] = group.broadcast(choice)
+    path, refusal = chosen
+    if refusal is not None:
+        raise CheckpointCorruptedError(refusal)
+    if path is None:
+        if scaffold.init_fn is not None:
+            scaffold.init_fn(scaffold, session)
+        return None
+    error: BaseException | None = None
+    try:
+        scaffold.get_saver().restore(session, path)
+    except Exception as err:
+        error = err
+    failed = [
+        f"rank {rank}: {message}"
+        for rank, message in enumerate(group.all_gather(None if error is None else repr(error)))
+        if message is not None
+    ]
+    if failed:
+        raise CheckpointError(
+            f"Cannot restore {path} on every rank, so no rank trains from it: {'; '.join(failed)}"
+        ) from error
+    if checkpoint_dir is not None and checkpoint_filename_with_path is None:
+        scaffold.get_saver().recover_last_checkpoints_from(checkpoint_dir)
+    return path

@@ -40,6 +40,11 @@ def _resolve_is_chief(is_chief: bool | None) -> bool:
     return chief
 
 
+def _distributed() -> bool:
+    dist = torch.distributed
+    return bool(dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1)
+
+
 def _resolve_intervals(secs: Any, steps: Any) -> tuple[float | None, int | None]:
     """TensorFlow's rules: default to every 600 s; one interval given replaces the other."""
     if secs is USE_DEFAULT and steps is USE_DEFAULT:
@@ -144,6 +149,7 @@ def MonitoredTrainingSession(
     keep_checkpoint_every_n_hours: float = 10000.0,
     keep_checkpoint_every_n_steps: int | None = None,
     checkpoint_on_error: bool = False,
+    rank_state: Mapping[str, Any] | None = None,
 ) -> MonitoredSession:
     """A ``MonitoredSession`` with a step counter and a checkpoint hook, as TensorFlow's.
 
@@ -172,6 +178,22 @@ def MonitoredTrainingSession(
     )
     user_hooks = _check_hooks(hooks, "hooks")
     all_hooks: list[SessionRunHook] = []
+    wants_checkpoints = _positive(save_secs, "save_checkpoint_secs") or _positive(
+        save_steps, "save_checkpoint_steps", integer=True
+    )
+    if not chief and checkpoint_dir is not None and wants_checkpoints and _distributed():
+        # Not a default hook: the chief's checkpoint hook's other half. Every rank takes part
+        # in every save (per-rank state, shards) and stops with the others; it writes no
+        # replicated file and no state file (the saver leaves those to the chief).
+        all_hooks.append(
+            CheckpointSaverHook(
+                checkpoint_dir,
+                save_secs=save_secs,
+                save_steps=save_steps,
+                scaffold=scaffold,
+                async_save=async_save,
+            )
+        )
     if chief:
         all_hooks.extend(_check_hooks(chief_only_hooks, "chief_only_hooks"))
         if summary_dir is not None and _positive(
@@ -180,9 +202,6 @@ def MonitoredTrainingSession(
             all_hooks.append(
                 StepCounterHook(every_n_steps=log_step_count_steps, output_dir=summary_dir)
             )
-        wants_checkpoints = _positive(save_secs, "save_checkpoint_secs") or _positive(
-            save_steps, "save_checkpoint_steps", integer=True
-        )
         if checkpoint_dir is not None and not wants_checkpoints:
             _warn_no_checkpoints(save_secs, save_steps)
         if checkpoint_dir is not None and wants_checkpoints:
@@ -208,4 +227,5 @@ def MonitoredTrainingSession(
         stop_on_signals=stop_on_signals,
         # The chief writes; the other ranks have no checkpoint hook to save with.
         checkpoint_on_error=checkpoint_on_error and chief,
+        rank_state=rank_state,
     )
