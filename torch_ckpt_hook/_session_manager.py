@@ -149,8 +149,8 @@ def _prepare_distributed(
             choice = (checkpoint_filename_with_path, None)
         elif checkpoint_dir is not None and os.path.isdir(checkpoint_dir):
             restore = choose_restore(restore_candidates(checkpoint_dir), _examine)
-            for path, problem in restore.skipped:
-                logger.warning("Skipping checkpoint %s: %s", path, problem.message)
+            for skipped, problem in restore.skipped:
+                logger.warning("Skipping checkpoint %s: %s", skipped, problem.message)
             if restore.refused:
                 choice = (None, str(_refusal(checkpoint_dir, restore)))
             else:
