@@ -154,6 +154,8 @@ class Session:
         self._group: CheckpointGroup = SingleProcessGroup()
         self._global_step = check_global_step(global_step)
         self._step_hook: Any = None
+        # False while get_state_dict initializes an optimizer's state with a step of its own.
+        self._counting = True
         # The checkpoint the state came from, set by Saver.restore; any other load clears it.
         self._restored_from: str | None = None
         # Holds the next in-place update of a saved tensor until its staging copy has read it.
@@ -164,7 +166,7 @@ class Session:
 
             def count_step(_opt: object, _args: object, _kwargs: object) -> None:
                 session = ref()
-                if session is not None:
+                if session is not None and session._counting:
                     session._global_step += 1
 
             self._step_hook = self._optimizers[0].register_step_post_hook(count_step)
@@ -207,6 +209,18 @@ class Session:
     def sharded(self) -> bool:
         """Whether the model is sharded (DTensor parameters): saved through DCP."""
         return is_sharded(self._model)
+
+    def sharded_state(self) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """The model's and optimizers' states by ``get_state_dict`` (live tensors).
+
+        ``get_state_dict`` gives an optimizer without state one (a step with zero gradients):
+        that step is not counted.
+        """
+        self._counting = False
+        try:
+            return get_sharded_state(self._model, self._optimizers)
+        finally:
+            self._counting = True
 
     def local_rank_state(self) -> dict[str, Any] | None:
         """This rank's ``rank_state`` entry, or None when the session has no such objects."""
@@ -254,7 +268,7 @@ class Session:
         """
         optimizer_state: Any
         if self.sharded:
-            model_state, optimizer_state = get_sharded_state(self._model, self._optimizers)
+            model_state, optimizer_state = self.sharded_state()
         else:
             model_state = unwrap_model(self._model).state_dict()
             optimizer_state = [opt.state_dict() for opt in self._optimizers]

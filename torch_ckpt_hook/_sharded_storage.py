@@ -18,6 +18,7 @@ Everything else (the state file, retention, listing) is the wrapped file storage
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +28,7 @@ from ._checkpoint_file import CheckpointProblem, load_checkpoint, write_checkpoi
 from ._dist_save import SHARDED_KEYS
 from ._distributed import CheckpointGroup
 from ._errors import CheckpointCorruptedError
+from ._fsutil import fsync_dir
 from ._sharded_dir import (
     MANIFEST_NAME,
     PAYLOAD_NAME,
@@ -38,7 +40,6 @@ from ._sharded_dir import (
     read_manifest,
     write_manifest,
 )
-from ._sharded_state import get_sharded_state
 from ._state_file import CheckpointState
 from ._storage import CheckpointStorage, LocalStorage
 
@@ -46,6 +47,12 @@ if TYPE_CHECKING:
     from torch.serialization import MAP_LOCATION
 
     from ._session import Session
+
+# Every rank writes into ``<path>.partial``; the chief renames it to ``<path>`` once the manifest
+# is in it, so a directory under a checkpoint's name is always complete, and re-saving a step
+# never writes into the committed directory of that step.
+PARTIAL_SUFFIX = ".partial"
+REPLACED_SUFFIX = ".replaced"
 
 
 def _rank_files(path: str, rank: int, is_chief: bool) -> list[str]:
@@ -116,7 +123,7 @@ def read_sharded(session: Session, path: str) -> dict[str, Any]:
         raise CheckpointCorruptedError(problem.message)
     payload = load_checkpoint(os.path.join(path, PAYLOAD_NAME))
     keys = list(payload.get(SHARDED_KEY) or [])
-    model_state, optim_state = get_sharded_state(session.model, session.optimizers)
+    model_state, optim_state = session.sharded_state()
     template = {"model": model_state, "optimizer": optim_state}
     target = {key: _clone(template[key]) for key in keys if template.get(key) is not None}
     group = session.checkpoint_group
@@ -148,28 +155,43 @@ class ShardedStorage(CheckpointStorage):
         from torch.distributed.checkpoint.filesystem import FileSystemWriter
         from torch.distributed.checkpoint.state_dict_saver import save
 
-        os.makedirs(path, exist_ok=True)
+        staging = path + PARTIAL_SUFFIX
+        os.makedirs(staging, exist_ok=True)
         sharded = {key: payload[key] for key in SHARDED_KEYS if payload.get(key) is not None}
         group = self._group
         save(
             sharded,
-            storage_writer=FileSystemWriter(path, sync_files=True),
+            storage_writer=FileSystemWriter(staging, sync_files=True, overwrite=True),
             process_group=group.writer_process_group,
             no_dist=not group.distributed,
         )
         if group.is_chief:
             rest = {key: value for key, value in payload.items() if key not in sharded}
             rest[SHARDED_KEY] = sorted(sharded)
-            write_checkpoint(os.path.join(path, PAYLOAD_NAME), rest)
+            write_checkpoint(os.path.join(staging, PAYLOAD_NAME), rest)
 
     def digests(self, path: str) -> dict[str, FileDigest]:
         """The files this rank wrote into ``path``, by name."""
-        names = _rank_files(path, self._group.rank, self._group.is_chief)
-        return {name: digest_file(os.path.join(path, name)) for name in names}
+        staging = path + PARTIAL_SUFFIX
+        names = _rank_files(staging, self._group.rank, self._group.is_chief)
+        return {name: digest_file(os.path.join(staging, name)) for name in names}
 
     def finish(self, path: str, step: int, files: Mapping[str, FileDigest]) -> None:
-        """Write ``path``'s manifest (the chief, once every rank's files are durable)."""
-        write_manifest(path, Manifest(step, self._group.world_size, dict(files)))
+        """Write the manifest and move the directory into place (the chief, once every rank's
+        files are durable). A directory already there (the same step saved again) is replaced.
+        """
+        staging = path + PARTIAL_SUFFIX
+        write_manifest(staging, Manifest(step, self._group.world_size, dict(files)))
+        replaced = None
+        if os.path.lexists(path):
+            replaced = path + REPLACED_SUFFIX
+            if os.path.isdir(replaced):
+                shutil.rmtree(replaced)
+            os.rename(path, replaced)
+        os.rename(staging, path)
+        fsync_dir(os.path.dirname(os.path.abspath(path)))
+        if replaced is not None:
+            shutil.rmtree(replaced, ignore_errors=True)
 
     def write_state(self, directory: str, latest: str, paths: Sequence[str]) -> None:
         self._files.write_state(directory, latest, paths)
