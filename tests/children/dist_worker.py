@@ -51,7 +51,7 @@ logging.getLogger("torch_ckpt_hook").addHandler(WARNINGS)
 
 
 def rank() -> int:
-    return dist.get_rank()
+    return dist.get_rank() if dist.is_initialized() else 0
 
 
 def barrier() -> None:
@@ -435,11 +435,32 @@ def _raise_eio() -> None:
 
 def fsdp_export_full(directory: str) -> dict[str, Any]:
     """2 ranks save one sharded checkpoint for the single-process reshard test."""
-    result = train(directory, 2, setup=fsdp_setup)
+    result = train(_shared("down"), 2, setup=fsdp_setup)
     return {"params": result["params"], "latest": result["latest"]}
 
 
+def _shared(name: str) -> str:
+    return os.path.join(os.environ["DIST_SHARED"], name)
+
+
+def fsdp_reshard_up(directory: str) -> dict[str, Any]:
+    """Restore, on 2 ranks, the checkpoint a 1-rank FSDP run saved (single_save)."""
+    net, model, optimizer = fsdp_setup()
+    with tch.MonitoredTrainingSession(
+        model,
+        optimizer,
+        checkpoint_dir=_shared("up"),
+        save_checkpoint_steps=100,
+        log_step_count_steps=0,
+        hooks=[tch.StopAtStepHook(last_step=2)],
+    ) as sess:
+        restored = sess.restored_from
+        global_step = sess.global_step
+    return {"restored": restored, "global_step": global_step, "params": params(net)}
+
+
 FSDP_SCENARIOS: list[Callable[[str], dict[str, Any]]] = [
+    fsdp_reshard_up,
     fsdp_resume,
     fsdp_async_consistency,
     fsdp_corruption_and_retention,
@@ -468,15 +489,43 @@ def killed_mid_save(directory: str) -> dict[str, Any]:
     return {"error": None, "latest": tch.latest_checkpoint(directory)}
 
 
+def single_save(directory: str) -> dict[str, Any]:
+    """One rank with FSDP2 (a world of one) saves a sharded checkpoint for fsdp_reshard_up."""
+    result = train(_shared("up"), 2, setup=fsdp_setup)
+    return {"params": result["params"], "latest": result["latest"]}
+
+
+def single_restore(directory: str) -> dict[str, Any]:
+    """No process group, a plain model: restore what 2 FSDP ranks saved (fsdp_export_full)."""
+    torch.manual_seed(0)
+    net = Net()
+    optimizer = torch.optim.Adam(net.parameters(), lr=0.01)
+    with tch.MonitoredSession(net, optimizer, checkpoint_dir=_shared("down")) as sess:
+        restored = sess.restored_from
+        global_step = sess.global_step
+        state = {k: v for k, v in optimizer.state_dict()["state"][0].items() if k != "step"}
+    return {
+        "restored": restored,
+        "global_step": global_step,
+        "params": params(net),
+        "optimizer_keys": sorted(state),
+    }
+
+
 WORLDS = {
     "ddp": DDP_SCENARIOS,
     "fsdp": FSDP_SCENARIOS,
     "killed": [killed_mid_save],
+    "single_save": [single_save],
+    "single_restore": [single_restore],
 }
 
 
 def main() -> None:
     world, rank_arg, size, directory = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+    if world == "single_restore":
+        _run(world, rank_arg, directory)
+        return
     dist.init_process_group(
         "gloo",
         init_method=f"file://{os.path.join(directory, 'store')}",
@@ -485,23 +534,28 @@ def main() -> None:
         timeout=datetime.timedelta(seconds=TIMEOUT),
     )
     try:
-        for scenario in WORLDS[world]:
-            out = os.path.join(directory, scenario.__name__)
-            os.makedirs(out, exist_ok=True)
-            work = os.path.join(out, "ckpt")
-            os.makedirs(work, exist_ok=True)
-            dist.barrier()
-            try:
-                result = scenario(work)
-            except BaseException:
-                with open(os.path.join(out, f"error-{rank_arg}.txt"), "w") as f:
-                    f.write(traceback.format_exc())
-                raise
-            with open(os.path.join(out, f"result-{rank_arg}.json"), "w") as f:
-                json.dump(result, f)
+        _run(world, rank_arg, directory)
     finally:
         if world != "killed":
             dist.destroy_process_group()
+
+
+def _run(world: str, rank_arg: int, directory: str) -> None:
+    for scenario in WORLDS[world]:
+        out = os.path.join(directory, scenario.__name__)
+        os.makedirs(out, exist_ok=True)
+        work = os.path.join(out, "ckpt")
+        os.makedirs(work, exist_ok=True)
+        if dist.is_initialized():
+            dist.barrier()
+        try:
+            result = scenario(work)
+        except BaseException:
+            with open(os.path.join(out, f"error-{rank_arg}.txt"), "w") as f:
+                f.write(traceback.format_exc())
+            raise
+        with open(os.path.join(out, f"result-{rank_arg}.json"), "w") as f:
+            json.dump(result, f)
 
 
 if __name__ == "__main__":
