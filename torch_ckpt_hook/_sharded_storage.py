@@ -17,9 +17,11 @@ Everything else (the state file, retention, listing) is the wrapped file storage
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
-from collections.abc import Mapping, Sequence
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -92,6 +94,20 @@ def manifest_problem(path: str) -> CheckpointProblem | None:
     return None
 
 
+@contextlib.contextmanager
+def _single_process(group: CheckpointGroup) -> Iterator[bool]:
+    """Yield DCP's ``no_dist``; without several ranks, silence DCP's warning that it is so.
+
+    (``catch_warnings`` swaps the process's filters for the call: only that message is added.)
+    """
+    if group.distributed:
+        yield False
+        return
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield True
+
+
 def _clone(obj: Any) -> Any:
     if isinstance(obj, torch.Tensor):
         return obj.detach().clone()
@@ -127,13 +143,14 @@ def read_sharded(session: Session, path: str) -> dict[str, Any]:
     template = {"model": model_state, "optimizer": optim_state}
     target = {key: _clone(template[key]) for key in keys if template.get(key) is not None}
     group = session.checkpoint_group
-    load(
-        target,
-        storage_reader=SafeFileSystemReader(path),
-        planner=SafeLoadPlanner(),
-        process_group=group.step_process_group,
-        no_dist=not group.distributed,
-    )
+    with _single_process(group) as no_dist:
+        load(
+            target,
+            storage_reader=SafeFileSystemReader(path),
+            planner=SafeLoadPlanner(),
+            process_group=group.step_process_group,
+            no_dist=no_dist,
+        )
     payload.update(target)
     payload.setdefault("optimizer", None)
     return payload
@@ -159,12 +176,13 @@ class ShardedStorage(CheckpointStorage):
         os.makedirs(staging, exist_ok=True)
         sharded = {key: payload[key] for key in SHARDED_KEYS if payload.get(key) is not None}
         group = self._group
-        save(
-            sharded,
-            storage_writer=FileSystemWriter(staging, sync_files=True, overwrite=True),
-            process_group=group.writer_process_group,
-            no_dist=not group.distributed,
-        )
+        with _single_process(group) as no_dist:
+            save(
+                sharded,
+                storage_writer=FileSystemWriter(staging, sync_files=True, overwrite=True),
+                process_group=group.writer_process_group,
+                no_dist=no_dist,
+            )
         if group.is_chief:
             rest = {key: value for key, value in payload.items() if key not in sharded}
             rest[SHARDED_KEY] = sorted(sharded)
