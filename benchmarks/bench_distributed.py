@@ -129,7 +129,9 @@ def sharded(mb: int, repeats: int, directory: str) -> dict[str, list[float]]:
         add(
             "ours save (async): call",
             _timed(
-                lambda b=base: handle.append(saver.save(session, f"{b}/ours", 2, blocking=False))
+                lambda b=base, h=handle: h.append(
+                    saver.save(session, f"{b}/ours", 2, blocking=False)
+                )
             ),
         )
         start = time.perf_counter()
