@@ -238,3 +238,30 @@ def test_a_rank_killed_mid_save_leaves_the_previous_checkpoint_latest(worlds: Wo
     assert survivor["latest"].endswith("model.ckpt-2")
     ckpt = worlds.base / "killed" / "killed_mid_save" / "ckpt"
     assert not (ckpt / "model.ckpt-4").exists()
+
+
+# -- the torchrun example --------------------------------------------------------------------
+
+
+def test_torchrun_example_trains_with_fsdp_on_two_ranks(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TORCH_CKPT_HOOK_DIST_TIMEOUT_SECS": "30"}
+    args = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(ROOT / "examples" / "torchrun_ddp.py"),
+        "--dir",
+        str(tmp_path),
+        "--steps",
+        "6",
+        "--save-steps",
+        "3",
+        "--fsdp",
+    ]
+    done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=WORLD_TIMEOUT)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "global step 6, loss " in done.stdout
+    assert done.stdout.strip().endswith(f"latest {tmp_path / 'model.ckpt-6'}")
+    assert (tmp_path / "model.ckpt-6" / "torch_ckpt_manifest.json").is_file()
