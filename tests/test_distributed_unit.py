@@ -248,3 +248,22 @@ def test_a_process_without_a_process_group_gets_the_single_process_group(
     assert isinstance(session.checkpoint_group, SingleProcessGroup)
     assert session.checkpoint_group.is_chief
     assert not session.sharded
+
+
+def test_a_chief_that_cannot_see_a_ranks_files_does_not_commit(
+    tmp_path: Path, model_and_optimizer: Any
+) -> None:
+    """Without a shared file system the other rank's shards are not in the chief's directory."""
+    model, optimizer = model_and_optimizer
+    session = tch.Session(model, optimizer)
+    storage = ShardedStorage(SingleProcessGroup())
+    path = str(tmp_path / "model.ckpt-1")
+    state = session.state_dict()
+    model_state, optimizer_state = session.sharded_state()
+    storage.write(path, {**state, "model": model_state, "optimizer": optimizer_state})
+    files = storage.digests(path)
+    files["__1_0.distcp"] = files["__0_0.distcp"]  # reported by a rank on another node
+    with pytest.raises(FileNotFoundError, match="shared mount"):
+        storage.finish(path, 1, files)
+    assert not os.path.exists(path)
+    assert not os.path.exists(os.path.join(path + ".partial", MANIFEST_NAME))

@@ -199,6 +199,17 @@ class ShardedStorage(CheckpointStorage):
         files are durable). A directory already there (the same step saved again) is replaced.
         """
         staging = path + PARTIAL_SUFFIX
+        for name, digest in sorted(files.items()):
+            try:
+                size = os.path.getsize(os.path.join(staging, name))
+            except OSError:
+                size = -1
+            if size != digest.size:
+                raise FileNotFoundError(
+                    f"{staging} does not hold {name} as its rank wrote it ({digest.size} bytes): "
+                    "a sharded checkpoint needs one file system that every rank writes to and "
+                    "the chief reads (a shared mount)"
+                )
         write_manifest(staging, Manifest(step, self._group.world_size, dict(files)))
         replaced = None
         if os.path.lexists(path):
