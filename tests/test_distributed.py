@@ -153,6 +153,14 @@ def test_a_failed_write_fails_the_save_on_every_rank(worlds: Worlds) -> None:
         assert result["latest"].endswith("model.ckpt-1")
 
 
+def test_a_best_checkpoint_hook_on_the_chief_saves_alone(worlds: Worlds) -> None:
+    results = worlds.results("ddp", "best_on_the_chief")
+    assert [r["final"] for r in results] == [4, 4]
+    assert results[0]["best"] is not None
+    assert "best.ckpt-" in results[0]["best"]
+    assert results[0]["latest"].endswith("model.ckpt-4")
+
+
 # -- sharded models (FSDP2) ------------------------------------------------------------------
 
 

@@ -260,6 +260,8 @@ class BestCheckpointSaverHook(SessionRunHook):
                 global_step=step,
                 blocking=False,
                 extra_payload={METRICS_KEY: {self._name: value}},
+                # Each rank's metric is its own: the hook saves alone (on the chief, usually).
+                collective=False,
             )
         except Exception as err:
             self._forget(path, previous)

@@ -1,7 +1,7 @@
 """Reading ``torch.distributed.checkpoint`` files without unpickling anything but DCP's own data.
 
 DCP's ``FileSystemReader.read_metadata`` unpickles ``.metadata`` with plain ``pickle`` and
-``DefaultLoadPlanner.load_bytes`` loads non-tensor values with ``torch.load(weights_only=False)``:
+``DefaultLoadPlanner.load_bytes`` loads non-tensor values with ``torch.load`` and weights_only off:
 either runs whatever code a crafted checkpoint holds (SPEC.md "Safe loading"). This module gives
 both a safe replacement, shared by the online restore and the offline readers:
 

@@ -182,6 +182,7 @@ class Saver:
         blocking: Literal[True] = True,
         apply_retention: bool = True,
         extra_payload: Mapping[str, Any] | None = None,
+        collective: bool | None = None,
     ) -> str: ...
 
     @overload
@@ -194,6 +195,7 @@ class Saver:
         blocking: Literal[False],
         apply_retention: bool = True,
         extra_payload: Mapping[str, Any] | None = None,
+        collective: bool | None = None,
     ) -> SaveHandle: ...
 
     @overload
@@ -206,6 +208,7 @@ class Saver:
         blocking: bool,
         apply_retention: bool = True,
         extra_payload: Mapping[str, Any] | None = None,
+        collective: bool | None = None,
     ) -> str | SaveHandle: ...
 
     def save(
@@ -217,6 +220,7 @@ class Saver:
         blocking: bool = True,
         apply_retention: bool = True,
         extra_payload: Mapping[str, Any] | None = None,
+        collective: bool | None = None,
     ) -> str | SaveHandle:
         """Write ``session``'s state to ``f"{save_path}-{global_step}"`` (or ``save_path``).
 
@@ -226,7 +230,10 @@ class Saver:
         With ``apply_retention=False`` the checkpoint is listed as the latest but retention deletes
         nothing for it (a save made on the way out of an error); the next save applies it again.
         ``extra_payload`` adds top-level keys to this checkpoint's payload (``metrics`` for
-        ``BestCheckpointSaverHook``); restore ignores them.
+        ``BestCheckpointSaverHook``); restore ignores them. ``collective``: whether every rank
+        of the session's group makes this save together (the default when there are several
+        ranks, or the model is sharded); ``False`` for a save the chief makes alone (a hook that
+        runs on the chief only), which a sharded model cannot have.
 
         Raises:
             TypeError: a value of the payload would not load with ``weights_only=True`` (the
@@ -240,11 +247,18 @@ class Saver:
         directory = os.path.dirname(os.path.abspath(path))
         if not self._storage.is_directory(directory):
             raise ValueError(f"Parent directory of {path} doesn't exist, can't save.")
-        if session.checkpoint_group.distributed or session.sharded:
+        if collective is None:
+            collective = session.checkpoint_group.distributed or session.sharded
+        if collective:
             handle = self._save_everywhere(
                 session, path, directory, save_path, global_step, apply_retention, extra_payload
             )
             return handle.result() if blocking else handle
+        if session.sharded:
+            raise ValueError(
+                "collective=False: a sharded model (DTensor parameters) is saved by every rank "
+                "together; save it with collective=None on every rank"
+            )
         state = _with_extra_payload(session.state_dict(), extra_payload)
         # Before anything is staged or written: a value weights_only loading refuses would make
         # this checkpoint, and every later one, unrestorable.

@@ -266,7 +266,32 @@ def chief_write_fails(directory: str) -> dict[str, Any]:
     return {"outcomes": outcomes, "latest": tch.latest_checkpoint(directory)}
 
 
+def best_on_the_chief(directory: str) -> dict[str, Any]:
+    """A BestCheckpointSaverHook among chief_only_hooks saves alone, never waiting for rank 1."""
+    _net, model, optimizer = ddp_setup()
+    best = tch.BestCheckpointSaverHook(directory, "loss")
+    with tch.MonitoredTrainingSession(
+        model,
+        optimizer,
+        checkpoint_dir=directory,
+        save_checkpoint_steps=2,
+        log_step_count_steps=0,
+        chief_only_hooks=[best],
+        hooks=[tch.StopAtStepHook(last_step=4)],
+    ) as sess:
+        step = make_step(model, optimizer, [sess])
+        while not sess.should_stop():
+            sess.run(step)
+        final = sess.global_step
+    return {
+        "final": final,
+        "best": tch.latest_checkpoint(directory, latest_filename="best_checkpoint"),
+        "latest": tch.latest_checkpoint(directory),
+    }
+
+
 DDP_SCENARIOS: list[Callable[[str], dict[str, Any]]] = [
+    best_on_the_chief,
     ddp_resume,
     skewed_clocks,
     stop_on_one_rank,
