@@ -27,7 +27,7 @@ from ._ownership import inside
 from ._payload_check import check_payload
 from ._retention import Entry, Retention, RetentionPolicy
 from ._session import PAYLOAD_KEYS
-from ._sharded_dir import FileDigest
+from ._sharded_dir import FileDigest, has_manifest
 from ._sharded_storage import ShardedStorage, read_sharded
 from ._staging import StagingArea
 from ._state_file import STATE_FILENAME
@@ -345,7 +345,7 @@ class Saver:
         if save_path is None:
             raise ValueError("Can't load save_path when it is None.")
         logger.info("Restoring parameters from %s", save_path)
-        if os.path.isdir(save_path):
+        if os.path.isdir(save_path) and has_manifest(save_path):
             payload = read_sharded(session, save_path)
         else:
             payload = self._storage.read(save_path)

@@ -20,6 +20,7 @@ from ._errors import CheckpointCorruptedError, CheckpointError, CheckpointUnload
 from ._fsutil import file_type
 from ._scaffold import Scaffold
 from ._session import Session
+from ._sharded_dir import has_manifest
 from ._sharded_storage import manifest_problem
 
 logger = logging.getLogger(__name__)
@@ -59,8 +60,9 @@ def _restore_from(session: Session, scaffold: Scaffold, checkpoint_dir: str) -> 
             mode = os.stat(path).st_mode
         except OSError:
             mode = None  # the load reports it
-        # A directory is a sharded checkpoint (its manifest is checked when it is read).
-        if mode is not None and not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):
+        # A directory with a manifest is a sharded checkpoint (checked when it is read).
+        sharded = mode is not None and stat.S_ISDIR(mode) and has_manifest(path)
+        if mode is not None and not stat.S_ISREG(mode) and not sharded:
             return CheckpointProblem(
                 "not_a_file", f"not a checkpoint file: it is {file_type(mode)}"
             )
