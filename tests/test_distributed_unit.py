@@ -268,3 +268,20 @@ def test_a_chief_that_cannot_see_a_ranks_files_does_not_commit(
         storage.finish(path, 1, files)
     assert not os.path.exists(path)
     assert not os.path.exists(os.path.join(path + ".partial", MANIFEST_NAME))
+
+
+def test_the_collectives_timeout_comes_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from torch_ckpt_hook._distributed import DEFAULT_TIMEOUT_SECS, TIMEOUT_ENV, timeout_secs
+
+    monkeypatch.delenv(TIMEOUT_ENV, raising=False)
+    assert timeout_secs() == DEFAULT_TIMEOUT_SECS
+    monkeypatch.setenv(TIMEOUT_ENV, "12.5")
+    assert timeout_secs() == 12.5
+    for bad in ("soon", "0", "-3"):
+        monkeypatch.setenv(TIMEOUT_ENV, bad)
+        with pytest.raises(
+            ValueError, match=f"{TIMEOUT_ENV} must be a positive number of seconds, got '{bad}'"
+        ):
+            timeout_secs()
