@@ -21,7 +21,7 @@ from ._fsutil import file_type
 from ._scaffold import Scaffold
 from ._session import Session
 from ._sharded_dir import has_manifest
-from ._sharded_storage import manifest_problem
+from ._sharded_storage import manifest_problem, read_sharded
 
 logger = logging.getLogger(__name__)
 
@@ -148,7 +148,9 @@ def _prepare_distributed(
     choice: tuple[str | None, str | None] = (None, None)
     if group.is_chief:
         if checkpoint_filename_with_path is not None:
-            choice = (checkpoint_filename_with_path, None)
+            named = checkpoint_filename_with_path
+            problem = manifest_problem(named) if os.path.isdir(named) else None
+            choice = (named, None) if problem is None else (None, f"{named}: {problem.message}")
         elif checkpoint_dir is not None and os.path.isdir(checkpoint_dir):
             restore = choose_restore(restore_candidates(checkpoint_dir), _examine)
             for skipped, problem in restore.skipped:
@@ -167,7 +169,13 @@ def _prepare_distributed(
         return None
     error: BaseException | None = None
     try:
-        scaffold.get_saver().restore(session, path)
+        if os.path.isdir(path):
+            # The chief verified every file of it for its choice: the ranks only read.
+            logger.info("Restoring parameters from %s", path)
+            payload = read_sharded(session, path, verify=False)
+            session.load_state_dict(payload, restored_from=os.path.abspath(path))
+        else:
+            scaffold.get_saver().restore(session, path)
     except Exception as err:
         error = err
     failed = [

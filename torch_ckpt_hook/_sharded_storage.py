@@ -118,12 +118,14 @@ def _clone(obj: Any) -> Any:
     return obj
 
 
-def read_sharded(session: Session, path: str) -> dict[str, Any]:
+def read_sharded(session: Session, path: str, *, verify: bool = True) -> dict[str, Any]:
     """The verified payload of the sharded checkpoint ``path``, its shards read for ``session``.
 
     Every rank of the session's group calls it together (DCP reads collectively). The shards
     are read into a copy of the session's own state (``get_state_dict``), so the session is
-    untouched until ``Session.load_state_dict``.
+    untouched until ``Session.load_state_dict``. ``verify=False`` skips the manifest check, for
+    ranks whose chief has just checked the same files (a restore at session creation): every
+    rank reading every file would multiply the reads by the world size.
 
     Raises:
         CheckpointCorruptedError: a file does not match the manifest, or there is none.
@@ -132,7 +134,7 @@ def read_sharded(session: Session, path: str) -> dict[str, Any]:
 
     from ._dcp_safe import SafeFileSystemReader, SafeLoadPlanner
 
-    problem = manifest_problem(path)
+    problem = manifest_problem(path) if verify else None
     if problem is not None:
         if problem.kind == "unreadable":
             raise OSError(problem.message)
