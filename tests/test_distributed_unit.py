@@ -285,3 +285,60 @@ def test_the_collectives_timeout_comes_from_the_environment(
             ValueError, match=f"{TIMEOUT_ENV} must be a positive number of seconds, got '{bad}'"
         ):
             timeout_secs()
+
+
+class _Context:
+    """What StepAgreement needs of a run context."""
+
+    def __init__(self, session: tch.Session) -> None:
+        self.session = session
+        self.stop_requested = False
+
+    def request_stop(self) -> None:
+        self.stop_requested = True
+
+
+class Scripted(RankOf):
+    """Rank 1 of 2, whose all-reduces return the next of ``replies`` (the chief's vector)."""
+
+    def __init__(self, replies: list[list[int]]) -> None:
+        super().__init__(1, 2)
+        self.replies = replies
+
+    def max_all(self, values: list[int]) -> list[int]:
+        return [max(a, b) for a, b in zip(values, self.replies.pop(0), strict=True)]
+
+
+class Calls(tch.CheckpointSaverListener):
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def before_save(self, session: Any, global_step_value: int) -> None:
+        self.calls.append(f"before_save({global_step_value})")
+
+    def after_save(self, session: Any, global_step_value: int) -> None:
+        self.calls.append(f"after_save({global_step_value})")
+
+
+def test_the_agreement_carries_the_chiefs_save_and_any_ranks_stop(
+    tmp_path: Path, model_and_optimizer: Any
+) -> None:
+    model, optimizer = model_and_optimizer
+    session = tch.Session(model, optimizer, global_step=5)
+    listener = Calls()
+    hook = tch.CheckpointSaverHook(str(tmp_path), save_steps=1000, listeners=[listener])
+    hook.begin()
+    # This rank is rank 1: its timer would not fire, and it never proposes a save. The chief's
+    # vectors: the hook count (1), then "save, not busy", then "stop".
+    group = Scripted([[1, -1], [0, 1, 0], [1, 0, 0]])
+    session.set_checkpoint_group(group)
+    agreement = StepAgreement(group, [hook])
+    assert hook.proposal(_Context(session)) == (0, 0)  # type: ignore[arg-type]
+    assert not agreement.after_step(_Context(session), False)  # type: ignore[arg-type]
+    # It took part in the save of step 5 (a blocking one: a TensorFlow-style listener); only
+    # the chief writes files.
+    assert listener.calls == ["before_save(5)", "after_save(5)"]
+    assert os.listdir(tmp_path) == []
+    assert agreement.after_step(_Context(session), False)  # type: ignore[arg-type]
+    hook.end(session)  # step 5 is saved: no other save
+    assert listener.calls == ["before_save(5)", "after_save(5)"]
