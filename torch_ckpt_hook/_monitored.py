@@ -44,6 +44,8 @@ from ._hooks import (
     SessionRunHook,
     SessionRunValues,
 )
+from ._mirror import same_location
+from ._paths import dirname
 from ._scaffold import Scaffold
 from ._session import OptimizerArg, Session
 from ._session_manager import prepare_session
@@ -125,6 +127,19 @@ def _optimizers(optimizer: object) -> list[torch.optim.Optimizer]:
 
 def _first_checkpoint_hook(hooks: list[SessionRunHook]) -> CheckpointSaverHook | None:
     return next((hook for hook in hooks if isinstance(hook, CheckpointSaverHook)), None)
+
+
+def _mirror_of(hooks: list[SessionRunHook], checkpoint_dir: str | None) -> str | None:
+    """The mirror tier of the checkpoint hook writing ``checkpoint_dir``: restore reads both."""
+    for hook in hooks:
+        if (
+            isinstance(hook, CheckpointSaverHook)
+            and hook.mirror_dir is not None
+            and checkpoint_dir is not None
+            and same_location(dirname(hook.save_path), checkpoint_dir)
+        ):
+            return hook.mirror_dir
+    return None
 
 
 class _MonitoredSession:
@@ -230,6 +245,7 @@ class _MonitoredSession:
             self._scaffold,
             self._checkpoint_dir,
             self._checkpoint_filename_with_path,
+            _mirror_of(self._hooks, self._checkpoint_dir),
         )
         for hook in self._hooks:
             hook.after_create_session(self._session, self._coord)

@@ -20,15 +20,16 @@ from typing import TYPE_CHECKING, Any, Literal, overload
 import torch
 
 from ._checkpoint_dir import checkpoint_name, step_of
+from ._fsspec_storage import DefaultStorage, FsspecStorage, storage_for
 from ._fsutil import path_key
 from ._in_flight import InFlight
-from ._ownership import inside
+from ._paths import abspath, dirname, inside, is_url
 from ._payload_check import check_payload
 from ._retention import Entry, Retention, RetentionPolicy
 from ._session import PAYLOAD_KEYS
 from ._staging import StagingArea
 from ._state_file import STATE_FILENAME
-from ._storage import CheckpointStorage, LocalStorage
+from ._storage import CheckpointStorage
 from ._validation import check_int, check_number, check_type, repr_with_type
 from ._writer import SaveHandle, start_write
 
@@ -140,7 +141,8 @@ class Saver:
             every_steps,
         )
         self._in_flight = InFlight(None if timeout is None else float(timeout))
-        self._storage = storage if storage is not None else LocalStorage()
+        # The default routes each path: local files as LocalStorage, fsspec URLs as FsspecStorage.
+        self._storage = storage if storage is not None else DefaultStorage()
         # Oldest first, every directory's; the writer thread appends, so reads take the lock.
         self._last_checkpoints: list[Entry] = []
         self._lock = threading.Lock()
@@ -230,7 +232,7 @@ class Saver:
                 Also when the previous save is still being written after ``drain_timeout_secs``.
         """
         path = self._checkpoint_path(save_path, global_step)
-        directory = os.path.dirname(os.path.abspath(path))
+        directory = dirname(abspath(path))
         if not self._storage.is_directory(directory):
             raise ValueError(f"Parent directory of {path} doesn't exist, can't save.")
         state = _with_extra_payload(session.state_dict(), extra_payload)
@@ -275,9 +277,11 @@ class Saver:
         if save_path is None:
             raise ValueError("Can't load save_path when it is None.")
         logger.info("Restoring parameters from %s", save_path)
-        session.load_state_dict(
-            self._storage.read(save_path), restored_from=os.path.abspath(save_path)
-        )
+        # A URL (a mirror's checkpoint) through fsspec, whatever storage this saver writes with.
+        storage = self._storage
+        if is_url(save_path) and not isinstance(storage, (DefaultStorage, FsspecStorage)):
+            storage = storage_for(save_path)
+        session.load_state_dict(storage.read(save_path), restored_from=abspath(save_path))
 
     def recover_last_checkpoints(self, checkpoint_paths: list[str]) -> None:
         """Adopt ``checkpoint_paths`` (oldest first), dropping missing ones; mtimes become ages.
@@ -297,7 +301,7 @@ class Saver:
 
     def recover_last_checkpoints_from(self, checkpoint_dir: str) -> None:
         """Adopt the list in ``checkpoint_dir``'s state file (a restart resumes retention)."""
-        directory = os.path.abspath(checkpoint_dir)
+        directory = abspath(checkpoint_dir)
         state = self._storage.read_state(directory)
         paths = list(state.all_model_checkpoint_paths) if state else []
         outside = [p for p in paths if not inside(p, directory)]
