@@ -149,14 +149,16 @@ def test_a_damaged_object_is_detected_and_restore_falls_back(
     client.put_object(Bucket=bucket, Key="run/model.ckpt-2", Body=bytes(body))
 
     problem = tch.verify_checkpoint(f"{run}/model.ckpt-2")
-    assert problem is not None and problem.startswith("checksum mismatch")
+    assert problem is not None
+    assert problem.startswith("checksum mismatch")
     with pytest.raises(tch.CheckpointCorruptedError, match=f"Checkpoint {run}/model.ckpt-2 is"):
         tch.load_checkpoint(f"{run}/model.ckpt-2")
     assert f"{run}/model.ckpt-1" == tch.restorable_checkpoint(run)
     fresh, fresh_opt = _model()
-    with caplog.at_level(logging.WARNING), tch.MonitoredSession(
-        fresh, fresh_opt, checkpoint_dir=run
-    ) as sess:
+    with (
+        caplog.at_level(logging.WARNING),
+        tch.MonitoredSession(fresh, fresh_opt, checkpoint_dir=run) as sess,
+    ):
         assert f"{run}/model.ckpt-1" == sess.restored_from
     assert f"Skipping checkpoint {run}/model.ckpt-2" in caplog.text
 

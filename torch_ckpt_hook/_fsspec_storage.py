@@ -86,10 +86,11 @@ def require_fsspec(url: str, what: str = "checkpoint_dir") -> None:
         try:
             fsspec.get_filesystem_class(name)
         except ImportError as err:
-            package = _PACKAGES.get(name, f"the package fsspec names for {name}://")
+            package = _PACKAGES.get(name)
+            fix = f"pip install {package}" if package else str(err)
             raise ImportError(
-                f"{what} {url!r} needs {package} for {name}:// URLs (not installed): "
-                f"pip install {package}"
+                f"{what} {url!r} needs {package or 'a package'} for {name}:// URLs (not "
+                f"installed): {fix}"
             ) from err
         except ValueError as err:
             raise ValueError(
