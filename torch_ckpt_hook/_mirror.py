@@ -32,7 +32,7 @@ import threading
 import time
 from typing import Any
 
-from ._checkpoint_dir import latest_checkpoint
+from ._checkpoint_dir import latest_checkpoint, step_of
 from ._checkpoint_file import check_checkpoint
 from ._fsspec_storage import DefaultStorage, require_fsspec
 from ._fsutil import atomic_write, path_key
@@ -196,14 +196,15 @@ class Mirror:
         if not is_url(self.mirror_dir):
             os.makedirs(self.mirror_dir, exist_ok=True)
         self._storage.put_file(local_path, target)
-        listed = [p for p in self._adopted() if p != target] + [target]
+        # Oldest step first: a copy made out of order (a retry, a re-copy) takes its place.
+        listed = sorted({*self._adopted(), target}, key=lambda p: (_step(p), p != target, p))
         protected = {target}
         local_latest = latest_checkpoint(self.local_dir)
         if local_latest is not None:
             protected.add(join(self.mirror_dir, basename(local_latest)))
         kept, dropped = mirror_retention(listed, self.max_to_keep, protected)
-        # The commit point on the mirror: from here latest_checkpoint(mirror_dir) is ``target``.
-        self._storage.write_state(self.mirror_dir, target, kept)
+        # The commit point on the mirror: from here latest_checkpoint(mirror_dir) is its newest.
+        self._storage.write_state(self.mirror_dir, kept[-1], kept)
         self._listed = kept
         for path in dropped:
             self._delete(path)
@@ -242,6 +243,11 @@ class Mirror:
             atomic_write(join(self.local_dir, STATUS_FILENAME), lambda f: f.write(data))
         except OSError as err:
             logger.warning("Could not write the mirror status file in %s: %s", self.local_dir, err)
+
+
+def _step(path: str) -> int:
+    step = step_of(path)
+    return -1 if step is None else step
 
 
 def read_mirror_status(local_dir: str) -> dict[str, Any] | None:
