@@ -223,3 +223,29 @@ except ImportError as err:
         "ERROR checkpoint_dir 's3://b/run' needs s3fs for s3:// URLs (not installed): "
         "pip install s3fs"
     ) in result.stdout
+
+
+def test_the_cli_reads_urls(mem_dir: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from torch_ckpt_hook._cli import main
+
+    saver = tch.Saver()
+    for step in (1, 2):
+        saver.save(_session(step), f"{mem_dir}/model.ckpt", global_step=step)
+    assert 0 == main(["ls", mem_dir])
+    out = capsys.readouterr().out
+    assert "model.ckpt-2" in out
+    assert "2 checkpoints" in out
+    assert 0 == main(["ls", "--json", mem_dir])
+    assert f'"latest": "{mem_dir}/model.ckpt-2"' in capsys.readouterr().out
+    assert 0 == main(["verify", f"{mem_dir}/model.ckpt-1"])
+    assert f"ok  {mem_dir}/model.ckpt-1" in capsys.readouterr().out
+    assert 0 == main(["inspect", mem_dir])
+    assert f"Checkpoint    {mem_dir}/model.ckpt-2" in capsys.readouterr().out
+    fs = fsspec.filesystem("memory")
+    data = bytearray(fs.cat_file(f"{mem_dir}/model.ckpt-2"))
+    data[150] ^= 1
+    fs.pipe_file(f"{mem_dir}/model.ckpt-2", bytes(data))
+    assert 1 == main(["verify", mem_dir])
+    assert "1 of 2 checkpoints corrupted: model.ckpt-2" in capsys.readouterr().err
+    assert 1 == main(["ls", f"{mem_dir}-missing"])
+    assert f"torch-ckpt ls: error: {mem_dir}-missing does not exist" in capsys.readouterr().err

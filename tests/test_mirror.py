@@ -352,3 +352,22 @@ def test_mirror_arguments_are_checked(tmp_path: pathlib.Path) -> None:
         tch.CheckpointSaverHook(str(tmp_path), save_steps=1, mirror_dir=str(tmp_path))
     with pytest.raises(TypeError, match="mirror_dir must be a path or None, got int"):
         tch.CheckpointSaverHook(str(tmp_path), save_steps=1, mirror_dir=3)  # type: ignore[arg-type]
+
+
+def test_ls_reports_the_mirror_tier(
+    tmp_path: pathlib.Path, mem_mirror: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from torch_ckpt_hook._cli import main
+
+    _train(tmp_path / "ok", mem_mirror, 1)
+    _train(tmp_path / "down", "tchdown://m", 1)
+    capsys.readouterr()
+    assert 0 == main(["ls", str(tmp_path / "ok")])
+    assert f"Mirror {mem_mirror}: 2 mirrored" in capsys.readouterr().out
+    assert 0 == main(["ls", str(tmp_path / "down")])
+    assert (
+        "Mirror tchdown://m: 2 failed; the copy of model.ckpt-1 failed: ConnectionError: "
+        "mirror endpoint unreachable"
+    ) in capsys.readouterr().out
+    assert 0 == main(["ls", "--json", str(tmp_path / "down")])
+    assert '"mirror_dir": "tchdown://m"' in capsys.readouterr().out

@@ -343,18 +343,22 @@ class FsspecStorage(CheckpointStorage):
     @contextlib.contextmanager
     def _download(self, path: str) -> Iterator[str]:
         """The object at ``path`` in a temporary local file, removed afterwards."""
-        fs, key = self.fs(path)
         with tempfile.TemporaryDirectory(prefix="torch_ckpt_hook-") as tmp:
             local = join(tmp, basename(path) or "checkpoint-object")
-            from fsspec.implementations.memory import MemoryFileSystem
-
-            if isinstance(fs, MemoryFileSystem):
-                # Its open() hands out the stored buffer itself; cat_file copies it.
-                with open(local, "wb") as f:
-                    f.write(bytes(fs.cat_file(key)))
-            else:
-                fs.get_file(key, local)
+            self.download(path, local)
             yield local
+
+    def download(self, path: str, local: str) -> None:
+        """Copy the object at ``path`` to the local file ``local``."""
+        fs, key = self.fs(path)
+        from fsspec.implementations.memory import MemoryFileSystem
+
+        if isinstance(fs, MemoryFileSystem):
+            # Its open() hands out the stored buffer itself; cat_file copies it.
+            with open(local, "wb") as f:
+                f.write(bytes(fs.cat_file(key)))
+        else:
+            fs.get_file(key, local)
 
     def saved_time(self, path: str) -> float:
         fs, key = self.fs(path)
