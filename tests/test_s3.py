@@ -171,14 +171,30 @@ def test_a_failed_upload_leaves_no_object_and_no_open_upload(
             raise RuntimeError("cannot pickle this")
 
     url = f"{s3_bucket}/run/model.ckpt-5"
-    # 6 MB of tensor data goes up as a part before torch.save reaches the object that fails.
-    payload = {"w": torch.zeros(1_500_000), "z": Unpicklable()}
+    # 20 MB of tensor data (over SINGLE_PUT_MAX: a multipart upload) goes up in parts before
+    # torch.save reaches the object that fails.
+    payload = {"w": torch.zeros(5_000_000), "z": Unpicklable()}
     with pytest.raises(RuntimeError, match="cannot pickle this"):
         FsspecStorage({"default_block_size": 5 << 20}).write(url, payload)
     bucket = s3_bucket.removeprefix("s3://")
     assert [] == _keys(s3_server, s3_bucket)
     uploads = s3_server.client().list_multipart_uploads(Bucket=bucket).get("Uploads", [])
     assert [] == uploads
+
+
+def test_a_large_object_is_a_completed_multipart_upload(
+    s3_server: S3Server, s3_bucket: str
+) -> None:
+    url = f"{s3_bucket}/run/model.ckpt-5"
+    payload = {"format_version": 1, "global_step": 5, "w": torch.arange(5_000_000.0)}
+    FsspecStorage({"default_block_size": 5 << 20}).write(url, payload)
+    head = s3_server.client().head_object(
+        Bucket=s3_bucket.removeprefix("s3://"), Key="run/model.ckpt-5"
+    )
+    # A multipart object's ETag ends in -<number of parts>.
+    assert int(head["ETag"].strip('"').rsplit("-", 1)[1]) >= 2
+    assert tch.verify_checkpoint(url) is None
+    assert torch.equal(payload["w"], tch.load_checkpoint(url)["w"])
 
 
 def _child_env(server: S3Server) -> dict[str, str]:

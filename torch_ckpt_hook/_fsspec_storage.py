@@ -37,7 +37,7 @@ import shutil
 import tempfile
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any
 
 from ._checkpoint_dir import CHECKPOINT_NAME
 from ._checkpoint_file import CheckpointProblem, check_checkpoint, load_checkpoint
@@ -120,6 +120,7 @@ class FsspecStorage(CheckpointStorage):
 
     def __init__(self, storage_options: Mapping[str, Any] | None = None) -> None:
         self._options = dict(storage_options or {})
+        self._directories: set[str] = set()
 
     def fs(self, url: str) -> tuple[AbstractFileSystem, str]:
         """The file system of ``url`` and the path it has there."""
@@ -212,7 +213,7 @@ class FsspecStorage(CheckpointStorage):
                 "bucket exists and the credentials in the environment can write to it)"
             ) from err
 
-    def _publish(self, url: str, fill: Callable[[BinaryIO], object]) -> None:
+    def _publish(self, url: str, fill: Callable[[Any], object]) -> None:
         """Write ``url`` through ``fill(f)`` as one atomic publication (module docstring)."""
         fs, key = self.fs(url)
         from fsspec.implementations.memory import MemoryFileSystem
@@ -223,17 +224,25 @@ class FsspecStorage(CheckpointStorage):
             fill(buffer)
             fs.pipe_file(key, buffer.getvalue())
             return
-        f = fs.open(key, "wb", autocommit=False)
+        spill = _SpillWriter(lambda: fs.open(key, "wb", autocommit=False))
         try:
-            fill(f)
+            fill(spill)
+            if spill.file is None:
+                # Small enough to have stayed in memory: one put request, atomic by itself.
+                fs.pipe_file(key, spill.buffer.getvalue())
+                return
+            f = spill.file
+            spill.flush_buffer()
             f.close()  # uploads the last part; with autocommit off, publishes nothing
             f.commit()  # completes the multipart upload: the object appears whole
         except BaseException:
-            with contextlib.suppress(Exception):
-                f.discard()  # aborts the multipart upload
-            # Closed for good, so garbage collection does not flush (and upload) it again.
-            with contextlib.suppress(Exception):
-                f.closed = True
+            f = spill.file
+            if f is not None:
+                with contextlib.suppress(Exception):
+                    f.discard()  # aborts the multipart upload
+                # Closed for good, so garbage collection does not flush (and upload) it again.
+                with contextlib.suppress(Exception):
+                    f.closed = True
             raise
 
     @staticmethod
@@ -372,8 +381,48 @@ class FsspecStorage(CheckpointStorage):
 
     def is_directory(self, directory: str) -> bool:
         # Object stores have no directories: any key prefix that is not an object will do.
+        # Asked on the training thread at every save: a request only the first time.
+        if directory in self._directories:
+            return True
         fs, key = self.fs(directory)
-        return not fs.isfile(key)
+        if fs.isfile(key):
+            return False
+        self._directories.add(directory)
+        return True
+
+
+# Objects up to this size are built in memory and put in one request; larger ones stream as a
+# multipart upload, part by part, never holding more than a part in memory.
+SINGLE_PUT_MAX = 16 << 20
+
+
+class _SpillWriter:
+    """Holds writes in memory up to ``SINGLE_PUT_MAX``, then opens the real file and streams.
+
+    Owned by the writing thread alone.
+    """
+
+    def __init__(self, opener: Callable[[], Any]) -> None:
+        self._opener = opener
+        self.buffer = io.BytesIO()
+        self.file: Any = None
+
+    def write(self, data: Any) -> int:
+        if self.file is not None:
+            return int(self.file.write(data))
+        n = self.buffer.write(data)
+        if self.buffer.tell() > SINGLE_PUT_MAX:
+            self.file = self._opener()
+            self.flush_buffer()
+        return n
+
+    def flush_buffer(self) -> None:
+        if self.buffer.tell():
+            self.file.write(self.buffer.getbuffer())
+            self.buffer = io.BytesIO()
+
+    def flush(self) -> None:
+        return None
 
 
 def _state_url(directory: str, latest_filename: str | None) -> str:

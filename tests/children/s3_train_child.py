@@ -2,8 +2,8 @@
 
 Usage: ``s3_train_child.py <checkpoint_dir URL>``. The moto endpoint and dummy credentials come
 from the environment the parent test set (``AWS_ENDPOINT_URL``...). s3fs's block size is set to
-S3's minimum part size (``FSSPEC_S3_DEFAULT_BLOCK_SIZE``), so each checkpoint of about 6 MB is a
-multipart upload of two parts, and a kill lands inside one. Prints ``start <step>`` once the
+S3's minimum part size (``FSSPEC_S3_DEFAULT_BLOCK_SIZE``), so each checkpoint of about 18 MB
+(over ``SINGLE_PUT_MAX``) is a multipart upload of four parts, and a kill lands inside one. Prints ``start <step>`` once the
 session is created (restored, if there was a checkpoint) and ``committed <step>`` each time a
 checkpoint is durable; it never stops on its own.
 """
@@ -19,7 +19,7 @@ import torch
 
 import torch_ckpt_hook as tch
 
-WIDTH = 1200  # a 1200x1200 layer: checkpoints of about 5.8 MB
+WIDTH = 2100  # a 2100x2100 layer: checkpoints of about 17.7 MB
 
 
 class ReportCommits(tch.CheckpointSaverListener):
