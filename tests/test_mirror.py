@@ -371,3 +371,13 @@ def test_ls_reports_the_mirror_tier(
     ) in capsys.readouterr().out
     assert 0 == main(["ls", "--json", str(tmp_path / "down")])
     assert '"mirror_dir": "tchdown://m"' in capsys.readouterr().out
+
+
+def test_a_local_directory_can_be_the_mirror(tmp_path: pathlib.Path) -> None:
+    local, backup = tmp_path / "run", tmp_path / "backup"
+    _train(local, str(backup), 2, mirror_max_to_keep=2)
+    assert ["checkpoint", "model.ckpt-1", "model.ckpt-2"] == sorted(
+        p.name for p in backup.iterdir()
+    )
+    assert str(backup / "model.ckpt-2") == tch.latest_checkpoint(str(backup))
+    assert (local / "model.ckpt-2").read_bytes() == (backup / "model.ckpt-2").read_bytes()
