@@ -19,12 +19,9 @@ import torch
 
 import torch_ckpt_hook as tch
 from torch_ckpt_hook import _paths
-from torch_ckpt_hook._fsspec_storage import (
-    DefaultStorage,
-    FsspecStorage,
-    storage_for,
-)
+from torch_ckpt_hook._fsspec_storage import FsspecStorage
 from torch_ckpt_hook._storage import LocalStorage
+from torch_ckpt_hook._storage_for import DefaultStorage, storage_for
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 

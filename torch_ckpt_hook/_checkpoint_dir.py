@@ -150,7 +150,7 @@ def latest_checkpoint(
     """
     checkpoint_dir = normalize(os.fspath(checkpoint_dir))
     if is_url(checkpoint_dir):
-        from ._fsspec_storage import remote_latest
+        from ._storage_for import remote_latest
 
         return remote_latest(checkpoint_dir, latest_filename)
     state = get_checkpoint_state(checkpoint_dir, latest_filename)
@@ -275,7 +275,7 @@ def restorable_checkpoint(
     """
     directory = normalize(os.fspath(checkpoint_dir))
     if is_url(directory):
-        from ._fsspec_storage import remote_restorable
+        from ._storage_for import remote_restorable
 
         return remote_restorable(directory, latest_filename)
     if not os.path.isdir(directory):

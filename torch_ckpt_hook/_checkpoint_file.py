@@ -57,7 +57,7 @@ def check_checkpoint(path: str | os.PathLike[str]) -> CheckpointProblem | None:
     """
     path = normalize(os.fspath(path))
     if is_url(path):
-        from ._fsspec_storage import remote_check
+        from ._storage_for import remote_check
 
         return remote_check(path)
     return check_file(path)
@@ -98,7 +98,7 @@ def load_checkpoint(
     """
     path = normalize(os.fspath(path))
     if is_url(path):
-        from ._fsspec_storage import remote_load
+        from ._storage_for import remote_load
 
         return remote_load(path, map_location, verify=verify)
     try:

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 from ._checkpoint_dir import checkpoint_name, latest_checkpoint
 from ._errors import CheckpointSaveError
 from ._faults import Failures
-from ._fsspec_storage import check_remote_writable, require_fsspec
+from ._fsspec_storage import require_fsspec
 from ._fsutil import same_path
 from ._hooks import SessionRunContext, SessionRunHook, SessionRunValues
 from ._listeners import CheckpointSaverListener
@@ -31,6 +31,7 @@ from ._mirror import mirror_for_hook
 from ._paths import is_url, join, normalize
 from ._saver import Saver
 from ._scaffold import Scaffold
+from ._storage_for import check_remote_writable
 from ._timer import SecondOrStepTimer
 from ._validation import check_bool, check_int, check_number, check_type
 from ._writer import SaveHandle

@@ -33,7 +33,8 @@ class RemoteMissing(Exception):
 @contextlib.contextmanager
 def staged(url: str) -> Iterator[str]:
     """A local copy of the object, or the objects directly under ``url``, for the command."""
-    from ._fsspec_storage import remote_storage, require_fsspec
+    from ._fsspec_storage import require_fsspec
+    from ._storage_for import remote_storage
 
     require_fsspec(url, "the location")
     storage = remote_storage()

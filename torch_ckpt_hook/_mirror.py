@@ -34,12 +34,13 @@ from typing import Any
 
 from ._checkpoint_dir import latest_checkpoint, step_of
 from ._checkpoint_file import check_checkpoint
-from ._fsspec_storage import DefaultStorage, require_fsspec
+from ._fsspec_storage import require_fsspec
 from ._fsutil import atomic_write, path_key
 from ._messages import error_line
 from ._mirror_policy import RetryPolicy, mirror_retention
 from ._paths import basename, inside, is_url, join, normalize
 from ._storage import CheckpointStorage
+from ._storage_for import DefaultStorage
 from ._validation import check_int
 from ._writer import _lower_this_threads_priority
 

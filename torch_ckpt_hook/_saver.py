@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Literal, overload
 import torch
 
 from ._checkpoint_dir import checkpoint_name, step_of
-from ._fsspec_storage import DefaultStorage, FsspecStorage, storage_for
+from ._fsspec_storage import FsspecStorage
 from ._fsutil import path_key
 from ._in_flight import InFlight
 from ._paths import abspath, dirname, inside, is_url
@@ -30,6 +30,7 @@ from ._session import PAYLOAD_KEYS
 from ._staging import StagingArea
 from ._state_file import STATE_FILENAME
 from ._storage import CheckpointStorage
+from ._storage_for import DefaultStorage, storage_for
 from ._validation import check_int, check_number, check_type, repr_with_type
 from ._writer import SaveHandle, start_write
 

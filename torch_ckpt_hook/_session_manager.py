@@ -52,7 +52,7 @@ def _candidates(checkpoint_dir: str, mirror_dir: str | None) -> list[str]:
 
     def of(directory: str) -> list[str]:
         if is_url(directory):
-            from ._fsspec_storage import remote_candidates
+            from ._storage_for import remote_candidates
 
             return remote_candidates(directory)
         return restore_candidates(directory)

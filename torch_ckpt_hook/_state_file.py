@@ -123,7 +123,7 @@ def get_checkpoint_state(
     """
     checkpoint_dir = normalize(os.fspath(checkpoint_dir))
     if is_url(checkpoint_dir):
-        from ._fsspec_storage import remote_state
+        from ._storage_for import remote_state
 
         return remote_state(checkpoint_dir, latest_filename)
     state_path = state_file_path(checkpoint_dir, latest_filename)
