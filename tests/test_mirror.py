@@ -8,6 +8,7 @@ code against them; nothing of it is patched.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import pathlib
@@ -381,3 +382,34 @@ def test_a_local_directory_can_be_the_mirror(tmp_path: pathlib.Path) -> None:
     )
     assert str(backup / "model.ckpt-2") == tch.latest_checkpoint(str(backup))
     assert (local / "model.ckpt-2").read_bytes() == (backup / "model.ckpt-2").read_bytes()
+
+
+def test_the_copy_starts_at_the_local_commit_not_at_the_next_hook_call(
+    tmp_path: pathlib.Path, mem_mirror: str
+) -> None:
+    model, opt = _model()
+    local = tmp_path / "run"
+    hook = tch.CheckpointSaverHook(str(local), save_steps=1, mirror_dir=mem_mirror)
+    with tch.MonitoredSession(model, opt, hooks=[hook], checkpoint_dir=str(local)):
+        # The creation save, then no hook call at all while the mirror copies it.
+        deadline = time.monotonic() + 30
+        while tch.latest_checkpoint(mem_mirror) is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert f"{mem_mirror}/model.ckpt-0" == tch.latest_checkpoint(mem_mirror)
+
+
+def test_a_failed_local_save_is_not_mirrored(tmp_path: pathlib.Path, mem_mirror: str) -> None:
+    from storages import FailingStorage
+
+    saver = tch.Saver(storage=FailingStorage(OSError(errno.EIO, "Input/output error")))
+    mirror = Mirror(str(tmp_path), mem_mirror, None, "model.ckpt")
+    handle = saver.save(
+        tch.Session(*_model()), str(tmp_path / "model.ckpt"), global_step=1, blocking=False
+    )
+    mirror.submit(handle)
+    mirror.close()
+    outcome = mirror.outcomes()["model.ckpt-1"]
+    assert ("skipped", "its local save failed") == (outcome.state, outcome.detail)
+    assert tch.latest_checkpoint(mem_mirror) is None
+    with pytest.raises(tch.CheckpointSaveError, match="Input/output error"):
+        saver.wait_until_finished()

@@ -350,7 +350,7 @@ class CheckpointSaverHook(SessionRunHook):
         path = handle.result(saver.drain_timeout_secs)
         self._committed_step = step
         if self._mirror is not None:
-            self._mirror.submit(path)
+            self._mirror.submit(handle)
         return path
 
     def _get_saver(self) -> Saver:
@@ -393,6 +393,8 @@ class CheckpointSaverHook(SessionRunHook):
             failures.add(err)
             return
         self._pending.append(_PendingSave(handle, step, may_stop, ready))
+        if self._mirror is not None:
+            self._mirror.submit(handle)  # copied once it commits, on the mirror's thread
         if not self._async_save:
             handle.wait()  # the _poll after this save reports it, failed or not
         elif any(not listener.run_after_commit for listener in ready):
@@ -449,8 +451,6 @@ class CheckpointSaverHook(SessionRunHook):
                     failures.add(err)
                 continue
             self._committed_step = pending.step
-            if self._mirror is not None:
-                self._mirror.submit(pending.handle.path)
             tf_logger.info(
                 "Calling checkpoint listeners after saving checkpoint %d...", pending.step
             )

@@ -34,6 +34,7 @@ from typing import Any
 
 from ._checkpoint_dir import latest_checkpoint, step_of
 from ._checkpoint_file import check_checkpoint
+from ._errors import CheckpointSaveError
 from ._fsspec_storage import require_fsspec
 from ._fsutil import atomic_write, path_key
 from ._messages import error_line
@@ -42,11 +43,13 @@ from ._paths import basename, inside, is_url, join, normalize
 from ._storage import CheckpointStorage
 from ._storage_for import DefaultStorage
 from ._validation import check_int
-from ._writer import _lower_this_threads_priority
+from ._writer import SaveHandle, _lower_this_threads_priority
 
 logger = logging.getLogger(__name__)
 
 STATUS_FILENAME = "checkpoint.mirror"
+# How often the mirror thread looks up from a local save it waits for, to see whether to hurry.
+_POLL_SECS = 0.05
 # Outcomes kept in the status file: the newest ones.
 _STATUS_LIMIT = 100
 
@@ -86,7 +89,7 @@ class Mirror:
         self.prefix = prefix
         self.retry = retry if retry is not None else RetryPolicy()
         self._storage = storage if storage is not None else DefaultStorage()
-        self._queue: queue.Queue[str | None] = queue.Queue()
+        self._queue: queue.Queue[str | SaveHandle | None] = queue.Queue()
         self._thread: threading.Thread | None = None
         # Set while the training thread waits in drain(): a failed copy is not retried again.
         self._hurry = threading.Event()
@@ -97,14 +100,19 @@ class Mirror:
 
     # -- the training thread's part --------------------------------------------------------
 
-    def submit(self, local_path: str) -> None:
-        """Queue ``local_path`` (committed) for copying; never blocks."""
+    def submit(self, save: str | SaveHandle) -> None:
+        """Queue a save for copying: a committed path, or the handle of a save being written.
+
+        Never blocks. A handle's checkpoint is copied as soon as it commits (the mirror thread
+        waits for it, without reporting its failure: that is the hook's), not at the next hook
+        call.
+        """
         if self._thread is None or not self._thread.is_alive():
             self._thread = threading.Thread(
                 target=self._run, name=f"torch_ckpt_hook-mirror:{self.mirror_dir}", daemon=True
             )
             self._thread.start()
-        self._queue.put(local_path)
+        self._queue.put(save)
 
     def drain(self) -> None:
         """Return once every submitted checkpoint is on the mirror or its copy failed."""
@@ -138,11 +146,41 @@ class Mirror:
             try:
                 if item is None:
                     return
-                self._copy(item)
+                path = item if isinstance(item, str) else self._committed(item)
+                if path is not None:
+                    self._copy(path)
             except Exception:  # a bug here must not end the thread with copies queued
                 logger.exception("Mirroring %s to %s failed", item, self.mirror_dir)
             finally:
                 self._queue.task_done()
+
+    def _committed(self, handle: SaveHandle) -> str | None:
+        """The path of ``handle``'s checkpoint once committed; None when it failed or is still
+        being written when ``drain`` asks to hurry (a hung disk must not hold close())."""
+        while True:
+            try:
+                handle.wait(_POLL_SECS)
+                break
+            except CheckpointSaveError:  # still being written
+                if self._hurry.is_set():
+                    self._record(
+                        MirrorOutcome(
+                            basename(handle.path),
+                            "skipped",
+                            "its local save had not committed when the mirror closed",
+                            0,
+                            time.time(),
+                        )
+                    )
+                    return None
+        if handle.failed():
+            self._record(
+                MirrorOutcome(
+                    basename(handle.path), "skipped", "its local save failed", 0, time.time()
+                )
+            )
+            return None
+        return handle.path
 
     def _copy(self, local_path: str) -> None:
         name = basename(local_path)
