@@ -246,3 +246,26 @@ def test_the_cli_reads_urls(mem_dir: str, capsys: pytest.CaptureFixture[str]) ->
     assert "1 of 2 checkpoints corrupted: model.ckpt-2" in capsys.readouterr().err
     assert 1 == main(["ls", f"{mem_dir}-missing"])
     assert f"torch-ckpt ls: error: {mem_dir}-missing does not exist" in capsys.readouterr().err
+
+
+def test_checkpoint_filename_with_path_may_be_a_url(mem_dir: str) -> None:
+    path = tch.Saver().save(_session(4), f"{mem_dir}/model.ckpt", global_step=4)
+    model = torch.nn.Linear(3, 2)
+    with tch.SingularMonitoredSession(model, checkpoint_filename_with_path=path) as sess:
+        assert path == sess.restored_from
+        assert 4 == sess.global_step
+
+
+def test_file_urls_are_local_paths(tmp_path: pathlib.Path) -> None:
+    url = f"file://{tmp_path}"
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with tch.MonitoredTrainingSession(
+        model, opt, checkpoint_dir=url, save_checkpoint_steps=1, log_step_count_steps=0
+    ) as sess:
+        sess.run(lambda: opt.step())
+    assert str(tmp_path / "model.ckpt-1") == tch.latest_checkpoint(url)
+    assert str(tmp_path / "model.ckpt-2") == tch.Saver().save(
+        _session(2), f"{url}/model.ckpt", global_step=2
+    )
+    assert tch.verify_checkpoint(f"{url}/model.ckpt-2") is None

@@ -45,7 +45,7 @@ from ._hooks import (
     SessionRunValues,
 )
 from ._mirror import same_location
-from ._paths import dirname
+from ._paths import dirname, normalize
 from ._scaffold import Scaffold
 from ._session import OptimizerArg, Session
 from ._session_manager import prepare_session
@@ -99,7 +99,7 @@ def _check_path(value: object, name: str) -> str | None:
         return None
     if not isinstance(value, (str, os.PathLike)):
         raise TypeError(f"{name} must be a path or None, got {type(value).__qualname__}")
-    return os.fspath(value)
+    return normalize(os.fspath(value))  # file:// URLs become paths; other URLs stay
 
 
 def _check_error_types(value: object) -> tuple[type[BaseException], ...]:

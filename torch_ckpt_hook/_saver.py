@@ -23,7 +23,7 @@ from ._checkpoint_dir import checkpoint_name, step_of
 from ._fsspec_storage import FsspecStorage
 from ._fsutil import path_key
 from ._in_flight import InFlight
-from ._paths import abspath, dirname, inside, is_url
+from ._paths import abspath, dirname, inside, is_url, normalize
 from ._payload_check import check_payload
 from ._retention import Entry, Retention, RetentionPolicy
 from ._session import PAYLOAD_KEYS
@@ -321,7 +321,7 @@ class Saver:
     def _checkpoint_path(self, save_path: str, global_step: int | None) -> str:
         if not isinstance(save_path, (str, os.PathLike)):
             raise TypeError(f"save_path must be a path, got {type(save_path).__qualname__}")
-        save_path = os.fspath(save_path)
+        save_path = normalize(os.fspath(save_path))
         check_int("global_step", global_step, allow_none=True)
         if global_step is None:
             if os.path.basename(save_path) == STATE_FILENAME:
