@@ -351,6 +351,8 @@ def test_mirror_arguments_are_checked(tmp_path: pathlib.Path) -> None:
         )
     with pytest.raises(ValueError, match="mirror_dir must be another location"):
         tch.CheckpointSaverHook(str(tmp_path), save_steps=1, mirror_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="mirror_dir needs a local checkpoint_dir to mirror"):
+        tch.CheckpointSaverHook("memory://run", save_steps=1, mirror_dir=str(tmp_path))
     with pytest.raises(TypeError, match="mirror_dir must be a path or None, got int"):
         tch.CheckpointSaverHook(str(tmp_path), save_steps=1, mirror_dir=3)  # type: ignore[arg-type]
 
