@@ -1,5 +1,11 @@
 """A listener that copies each committed checkpoint to a second directory (a backup disk).
 
+The package now has this built in: ``CheckpointSaverHook(..., mirror_dir=...)`` (and
+``MonitoredTrainingSession(..., mirror_dir=...)``) copies each committed checkpoint on a thread
+of its own, to a local directory or an ``s3://`` / ``gs://`` URL, with retries, a retention and
+a state file of its own, and restores from it when the local directory is lost (README, "Remote
+storage and a mirror tier"). This example stays as the way to write such a listener yourself.
+
 ``after_save`` runs once the checkpoint is durable, on the training thread, so the file it
 copies is always complete. The listener only needs the file, not the state of the step it was
 saved at, so it sets ``run_after_commit = True``: the save stays asynchronous (training does not

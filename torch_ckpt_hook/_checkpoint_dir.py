@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterable, Mapping
 from ._checkpoint_file import CheckpointProblem, check_checkpoint
 from ._fsutil import is_temp_file, path_key, read_small_file
 from ._integrity import ProblemKind
+from ._paths import is_url, normalize
 from ._state_file import STATE_FILENAME, get_checkpoint_state, state_file_path
 from ._text_format import parse_checkpoint_state
 
@@ -147,7 +148,11 @@ def latest_checkpoint(
     module docstring), with a warning when a state file was there; for another
     ``latest_filename``, None (its series is only what its state file lists).
     """
-    checkpoint_dir = os.fspath(checkpoint_dir)
+    checkpoint_dir = normalize(os.fspath(checkpoint_dir))
+    if is_url(checkpoint_dir):
+        from ._storage_for import remote_latest
+
+        return remote_latest(checkpoint_dir, latest_filename)
     state = get_checkpoint_state(checkpoint_dir, latest_filename)
     if state is not None:
         return state.model_checkpoint_path
@@ -268,7 +273,11 @@ def restorable_checkpoint(
     checkpoint, and also when a session would refuse to start (every checkpoint damaged, or the
     newest undamaged one unloadable or unreadable): ``torch-ckpt ls`` says why.
     """
-    directory = os.fspath(checkpoint_dir)
+    directory = normalize(os.fspath(checkpoint_dir))
+    if is_url(directory):
+        from ._storage_for import remote_restorable
+
+        return remote_restorable(directory, latest_filename)
     if not os.path.isdir(directory):
         return None
     return restore_choice(directory, latest_filename=latest_filename).path

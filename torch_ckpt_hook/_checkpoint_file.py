@@ -30,6 +30,7 @@ from ._fsutil import NotRegularFileError, atomic_write, open_regular_file
 from ._integrity import CheckpointProblem as CheckpointProblem  # re-exported: the verdict type
 from ._integrity import check_file, checksum_problem, save_with_checksum
 from ._messages import error_line
+from ._paths import is_url, normalize
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +55,12 @@ def check_checkpoint(path: str | os.PathLike[str]) -> CheckpointProblem | None:
     (a directory, FIFO, socket or device, never opened). Only the checksum is checked; nothing is
     unpickled, so a file that passes can still be unloadable (``load_checkpoint`` says why).
     """
-    return check_file(os.fspath(path))
+    path = normalize(os.fspath(path))
+    if is_url(path):
+        from ._storage_for import remote_check
+
+        return remote_check(path)
+    return check_file(path)
 
 
 def verify_checkpoint(path: str | os.PathLike[str]) -> str | None:
@@ -90,7 +96,11 @@ def load_checkpoint(
             no torch_ckpt_hook payload, or this torch cannot parse a file whose checksum holds.
         OSError: the file cannot be opened or read (no permission, an I/O error).
     """
-    path = os.fspath(path)
+    path = normalize(os.fspath(path))
+    if is_url(path):
+        from ._storage_for import remote_load
+
+        return remote_load(path, map_location, verify=verify)
     try:
         f = open_regular_file(path)
     except FileNotFoundError:

@@ -22,12 +22,16 @@ from typing import TYPE_CHECKING
 from ._checkpoint_dir import checkpoint_name, latest_checkpoint
 from ._errors import CheckpointSaveError
 from ._faults import Failures
+from ._fsspec_storage import require_fsspec
 from ._fsutil import same_path
 from ._hooks import SessionRunContext, SessionRunHook, SessionRunValues
 from ._listeners import CheckpointSaverListener
 from ._messages import os_error_reason
+from ._mirror import mirror_for_hook
+from ._paths import is_url, join, normalize
 from ._saver import Saver
 from ._scaffold import Scaffold
+from ._storage_for import check_remote_writable
 from ._timer import SecondOrStepTimer
 from ._validation import check_bool, check_int, check_number, check_type
 from ._writer import SaveHandle
@@ -79,6 +83,8 @@ def check_writable_dir(directory: str) -> None:
     Raises:
         ValueError: the path is a file, cannot be created, or is not writable.
     """
+    if is_url(directory):
+        return check_remote_writable(directory)  # an object store: a probe object
     if os.path.exists(directory) and not os.path.isdir(directory):
         raise ValueError(f"checkpoint_dir must be a directory, but {directory!r} is a file")
     try:
@@ -120,6 +126,8 @@ class CheckpointSaverHook(SessionRunHook):
         listeners: Iterable[CheckpointSaverListener] | None = None,
         *,
         async_save: bool = True,
+        mirror_dir: str | None = None,
+        mirror_max_to_keep: int | None = None,
     ) -> None:
         tf_logger.info("Create CheckpointSaverHook.")
         if saver is not None and scaffold is not None:
@@ -146,8 +154,14 @@ class CheckpointSaverHook(SessionRunHook):
             check_number("save_secs", save_secs, minimum=0)
         if save_steps is not None:
             check_int("save_steps", save_steps, minimum=0)
-        self._checkpoint_dir = os.fspath(checkpoint_dir)
-        self._save_path = os.path.join(self._checkpoint_dir, checkpoint_basename)
+        self._checkpoint_dir = normalize(os.fspath(checkpoint_dir))
+        if is_url(self._checkpoint_dir):
+            require_fsspec(self._checkpoint_dir)
+        self._save_path = join(self._checkpoint_dir, checkpoint_basename)
+        # The mirror tier (SPEC 5.4): each committed checkpoint copied there in the background.
+        self._mirror = mirror_for_hook(
+            self._checkpoint_dir, mirror_dir, mirror_max_to_keep, checkpoint_basename
+        )
         self._timer = SecondOrStepTimer(every_secs=save_secs, every_steps=save_steps)
         self._saver = saver
         self._scaffold = scaffold
@@ -162,6 +176,11 @@ class CheckpointSaverHook(SessionRunHook):
         self._session: Session | None = None
         # Distributed: the runner's per-step agreement decides the saves (_agreement).
         self._agreed = False
+
+    @property
+    def mirror_dir(self) -> str | None:
+        """Where committed checkpoints are mirrored, or None."""
+        return None if self._mirror is None else self._mirror.mirror_dir
 
     @property
     def save_path(self) -> str:
@@ -261,6 +280,8 @@ class CheckpointSaverHook(SessionRunHook):
                 "drain_timeout_secs.",
                 last_step,
             )
+        if self._mirror is not None:
+            self._mirror.close()  # drained by _wait_until_finished: stops its thread
         if failures and self._committed_step == last_step:
             failures.note_first(
                 f"CheckpointSaverHook.end() still committed the last step: "
@@ -328,6 +349,8 @@ class CheckpointSaverHook(SessionRunHook):
             self._get_saver().wait_until_finished()
         except Exception as err:
             failures.add(err)
+        if self._mirror is not None:
+            self._mirror.drain()  # every checkpoint committed so far on the mirror, or failed
 
     def _wait_for_in_flight(self, failures: Failures, next_step: int | None = None) -> bool:
         """Wait for the save still being written; False when it still is after the timeout.
@@ -369,6 +392,8 @@ class CheckpointSaverHook(SessionRunHook):
         handle = self._start_save(session, step, apply_retention=False)
         path = handle.result(saver.drain_timeout_secs)
         self._committed_step = step
+        if self._mirror is not None:
+            self._mirror.submit(handle)
         return path
 
     def _get_saver(self) -> Saver:
@@ -411,6 +436,8 @@ class CheckpointSaverHook(SessionRunHook):
             failures.add(err)
             return
         self._pending.append(_PendingSave(handle, step, may_stop, ready))
+        if self._mirror is not None:
+            self._mirror.submit(handle)  # copied once it commits, on the mirror's thread
         if not self._async_save:
             handle.wait()  # the _poll after this save reports it, failed or not
         elif any(not listener.run_after_commit for listener in ready):
@@ -422,7 +449,7 @@ class CheckpointSaverHook(SessionRunHook):
     def _start_save(
         self, session: Session, step: int, *, apply_retention: bool = True
     ) -> SaveHandle:
-        if not os.path.isdir(self._checkpoint_dir):
+        if not is_url(self._checkpoint_dir) and not os.path.isdir(self._checkpoint_dir):
             # Deleted under the running hook: a failed save like any other, which the loop can
             # catch and train on (saves resume once the directory is back).
             missing = FileNotFoundError(

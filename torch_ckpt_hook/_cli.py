@@ -34,8 +34,10 @@ from ._cli_commands import (
 from ._cli_demo import DEFAULT_DIR, DEFAULT_SAVE_EVERY, DEFAULT_STEPS
 from ._cli_export import DTYPES, export
 from ._cli_format import ConsoleHandler, PrefixFormatter, printable
+from ._cli_remote import RemoteMissing, run_staged
 from ._fsutil import file_type
 from ._messages import error_line, os_error_reason
+from ._paths import is_url
 from ._state_file import STATE_FILENAME
 
 _EPILOG = """\
@@ -63,6 +65,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _existing_dir(value: str) -> str:
+    if is_url(value):
+        return value  # an fsspec URL: staged (downloaded) when the command runs
     if not os.path.exists(value):
         raise argparse.ArgumentTypeError(
             f"expected an existing directory, got {value!r}, which does not exist"
@@ -78,6 +82,8 @@ def _checkpoint_or_dir(value: str) -> str:
     """A regular file or a directory: anything else (a FIFO would block the read forever) and
     the state file (it names checkpoints, it is not one) are refused."""
     expected = "expected a checkpoint file or a directory"
+    if is_url(value):
+        return value  # an fsspec URL: staged (downloaded) when the command runs
     try:
         mode = os.stat(value).st_mode
     except FileNotFoundError:
@@ -321,7 +327,9 @@ def _run(argv: list[str] | None, commands: Mapping[str, Command]) -> int:
         return exit_.code if isinstance(exit_.code, int) else EXIT_USAGE
     command: str = args.command
     try:
-        return commands[command](args)
+        return run_staged(commands[command], args)
+    except RemoteMissing as err:
+        return _fail(command, str(err))
     except CommandFailed as err:
         return _fail(command, str(err), err.status)
     except BrokenPipeError:

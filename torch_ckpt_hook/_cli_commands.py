@@ -41,6 +41,7 @@ from ._cli_inventory import (
     display_name,
     list_checkpoints,
 )
+from ._cli_remote import mirror_summary
 from ._errors import CheckpointError, NanLossDuringTrainingError
 from ._integrity import ProblemKind
 
@@ -78,6 +79,8 @@ def ls(directory: str, *, as_json: bool) -> int:
                 ),
                 "checkpoints": [dataclasses.asdict(item) for item in listed],
                 "best_checkpoints": _best_json(inventory) if best else None,
+                # Only for a directory with a mirror tier (its status file).
+                **({"mirror": mirror} if (mirror := mirror_summary(directory)[1]) else {}),
             }
         )
         return EXIT_OK
@@ -105,6 +108,9 @@ def ls(directory: str, *, as_json: bool) -> int:
     outcome = _restore_outcome(directory, listed, choice, best)
     if outcome is not None:
         print(outcome)
+    mirror_line = mirror_summary(directory)[0]
+    if mirror_line is not None:
+        print(mirror_line)
     return EXIT_OK
 
 

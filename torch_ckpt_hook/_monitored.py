@@ -46,6 +46,8 @@ from ._hooks import (
     SessionRunHook,
     SessionRunValues,
 )
+from ._mirror import same_location
+from ._paths import dirname, normalize
 from ._scaffold import Scaffold
 from ._session import OptimizerArg, Session
 from ._session_manager import prepare_session
@@ -99,7 +101,7 @@ def _check_path(value: object, name: str) -> str | None:
         return None
     if not isinstance(value, (str, os.PathLike)):
         raise TypeError(f"{name} must be a path or None, got {type(value).__qualname__}")
-    return os.fspath(value)
+    return normalize(os.fspath(value))  # file:// URLs become paths; other URLs stay
 
 
 def _check_error_types(value: object) -> tuple[type[BaseException], ...]:
@@ -127,6 +129,19 @@ def _optimizers(optimizer: object) -> list[torch.optim.Optimizer]:
 
 def _first_checkpoint_hook(hooks: list[SessionRunHook]) -> CheckpointSaverHook | None:
     return next((hook for hook in hooks if isinstance(hook, CheckpointSaverHook)), None)
+
+
+def _mirror_of(hooks: list[SessionRunHook], checkpoint_dir: str | None) -> str | None:
+    """The mirror tier of the checkpoint hook writing ``checkpoint_dir``: restore reads both."""
+    for hook in hooks:
+        if (
+            isinstance(hook, CheckpointSaverHook)
+            and hook.mirror_dir is not None
+            and checkpoint_dir is not None
+            and same_location(dirname(hook.save_path), checkpoint_dir)
+        ):
+            return hook.mirror_dir
+    return None
 
 
 class _MonitoredSession:
@@ -244,6 +259,7 @@ class _MonitoredSession:
             self._scaffold,
             self._checkpoint_dir,
             self._checkpoint_filename_with_path,
+            _mirror_of(self._hooks, self._checkpoint_dir),
         )
         for hook in self._hooks:
             hook.after_create_session(self._session, self._coord)

@@ -21,9 +21,10 @@ import torch
 
 from ._checkpoint_dir import checkpoint_name, step_of
 from ._dist_save import SHARDED_KEYS, commit_everywhere, gather_payload
+from ._fsspec_storage import FsspecStorage
 from ._fsutil import path_key
 from ._in_flight import InFlight
-from ._ownership import inside
+from ._paths import abspath, dirname, inside, is_url, normalize
 from ._payload_check import check_payload
 from ._retention import Entry, Retention, RetentionPolicy
 from ._session import PAYLOAD_KEYS
@@ -31,7 +32,8 @@ from ._sharded_dir import FileDigest, has_manifest
 from ._sharded_storage import ShardedStorage, read_sharded
 from ._staging import StagingArea
 from ._state_file import STATE_FILENAME
-from ._storage import CheckpointStorage, LocalStorage
+from ._storage import CheckpointStorage
+from ._storage_for import DefaultStorage, storage_for
 from ._validation import check_int, check_number, check_type, repr_with_type
 from ._writer import SaveHandle, start_write
 
@@ -147,7 +149,8 @@ class Saver:
             every_steps,
         )
         self._in_flight = InFlight(None if timeout is None else float(timeout))
-        self._storage = storage if storage is not None else LocalStorage()
+        # The default routes each path: local files as LocalStorage, fsspec URLs as FsspecStorage.
+        self._storage = storage if storage is not None else DefaultStorage()
         # Oldest first, every directory's; the writer thread appends, so reads take the lock.
         self._last_checkpoints: list[Entry] = []
         self._lock = threading.Lock()
@@ -244,7 +247,7 @@ class Saver:
                 Also when the previous save is still being written after ``drain_timeout_secs``.
         """
         path = self._checkpoint_path(save_path, global_step)
-        directory = os.path.dirname(os.path.abspath(path))
+        directory = dirname(abspath(path))
         if not self._storage.is_directory(directory):
             raise ValueError(f"Parent directory of {path} doesn't exist, can't save.")
         if collective is None:
@@ -345,11 +348,16 @@ class Saver:
         if save_path is None:
             raise ValueError("Can't load save_path when it is None.")
         logger.info("Restoring parameters from %s", save_path)
-        if os.path.isdir(save_path) and has_manifest(save_path):
+        if not is_url(save_path) and os.path.isdir(save_path) and has_manifest(save_path):
             payload = read_sharded(session, save_path)
         else:
-            payload = self._storage.read(save_path)
-        session.load_state_dict(payload, restored_from=os.path.abspath(save_path))
+            # A URL (a mirror's checkpoint) through fsspec, whatever storage this saver writes
+            # with.
+            storage = self._storage
+            if is_url(save_path) and not isinstance(storage, (DefaultStorage, FsspecStorage)):
+                storage = storage_for(save_path)
+            payload = storage.read(save_path)
+        session.load_state_dict(payload, restored_from=abspath(save_path))
 
     def recover_last_checkpoints(self, checkpoint_paths: list[str]) -> None:
         """Adopt ``checkpoint_paths`` (oldest first), dropping missing ones; mtimes become ages.
@@ -369,7 +377,7 @@ class Saver:
 
     def recover_last_checkpoints_from(self, checkpoint_dir: str) -> None:
         """Adopt the list in ``checkpoint_dir``'s state file (a restart resumes retention)."""
-        directory = os.path.abspath(checkpoint_dir)
+        directory = abspath(checkpoint_dir)
         state = self._storage.read_state(directory)
         paths = list(state.all_model_checkpoint_paths) if state else []
         outside = [p for p in paths if not inside(p, directory)]
@@ -388,7 +396,7 @@ class Saver:
     def _checkpoint_path(self, save_path: str, global_step: int | None) -> str:
         if not isinstance(save_path, (str, os.PathLike)):
             raise TypeError(f"save_path must be a path, got {type(save_path).__qualname__}")
-        save_path = os.fspath(save_path)
+        save_path = normalize(os.fspath(save_path))
         check_int("global_step", global_step, allow_none=True)
         if global_step is None:
             if os.path.basename(save_path) == STATE_FILENAME:

@@ -18,6 +18,8 @@ from ._checkpoint_dir import RestoreChoice, choose_restore, restore_candidates
 from ._checkpoint_file import CheckpointProblem, check_checkpoint
 from ._errors import CheckpointCorruptedError, CheckpointError, CheckpointUnloadableError
 from ._fsutil import file_type
+from ._mirror_policy import merge_newest_first
+from ._paths import is_url
 from ._scaffold import Scaffold
 from ._session import Session
 from ._sharded_dir import has_manifest
@@ -47,8 +49,26 @@ def _refusal(checkpoint_dir: str, choice: RestoreChoice) -> CheckpointError:
     return kind(message)
 
 
-def _restore_from(session: Session, scaffold: Scaffold, checkpoint_dir: str) -> str | None:
+def _candidates(checkpoint_dir: str, mirror_dir: str | None) -> list[str]:
+    """The restore candidates of a directory (or URL), and of its mirror: newest step first."""
+
+    def of(directory: str) -> list[str]:
+        if is_url(directory):
+            from ._storage_for import remote_candidates
+
+            return remote_candidates(directory)
+        return restore_candidates(directory)
+
+    local = of(checkpoint_dir)
+    return local if mirror_dir is None else merge_newest_first(local, of(mirror_dir))
+
+
+def _restore_from(
+    session: Session, scaffold: Scaffold, checkpoint_dir: str, mirror_dir: str | None = None
+) -> str | None:
     """Restore the newest restorable candidate (the policy of ``_checkpoint_dir``).
+
+    With a ``mirror_dir``, of both tiers: the newest intact checkpoint of either.
 
     Raises:
         CheckpointError: the directory holds checkpoints and none can be restored.
@@ -57,7 +77,7 @@ def _restore_from(session: Session, scaffold: Scaffold, checkpoint_dir: str) -> 
 
     def attempt(path: str) -> CheckpointProblem | None:
         try:
-            mode = os.stat(path).st_mode
+            mode = None if is_url(path) else os.stat(path).st_mode
         except OSError:
             mode = None  # the load reports it
         # A directory with a manifest is a sharded checkpoint (checked when it is read).
@@ -78,7 +98,7 @@ def _restore_from(session: Session, scaffold: Scaffold, checkpoint_dir: str) -> 
             return CheckpointProblem("unreadable", f"unreadable: {err}")
         return None
 
-    choice = choose_restore(restore_candidates(checkpoint_dir), attempt)
+    choice = choose_restore(_candidates(checkpoint_dir, mirror_dir), attempt)
     for path, problem in choice.skipped:
         logger.warning("Skipping checkpoint %s: %s", path, problem.message)
     if choice.refused:
@@ -92,12 +112,16 @@ def prepare_session(
     scaffold: Scaffold,
     checkpoint_dir: str | None,
     checkpoint_filename_with_path: str | None,
+    mirror_dir: str | None = None,
 ) -> str | None:
     """Restore ``session`` and return the checkpoint it came from, or run ``init_fn``.
 
     A named checkpoint must load. From a directory, the newest intact checkpoint is restored
     (the module docstring gives the policy). The saver then adopts the directory's checkpoint
-    list, so ``max_to_keep`` carries on across restarts.
+    list, so ``max_to_keep`` carries on across restarts. With a ``mirror_dir`` (the hook's
+    mirror tier), the newest intact checkpoint of either tier is restored: a run whose local
+    directory is lost resumes from the mirror (the checkpoint is read from there, not copied
+    back; the hook's creation save then writes that state to the local tier).
 
     Raises:
         CheckpointCorruptedError: the directory holds checkpoints and every one is damaged.
@@ -111,8 +135,10 @@ def prepare_session(
     if checkpoint_filename_with_path is not None:
         scaffold.get_saver().restore(session, checkpoint_filename_with_path)
         return checkpoint_filename_with_path
-    if checkpoint_dir is not None and os.path.isdir(checkpoint_dir):
-        restored = _restore_from(session, scaffold, checkpoint_dir)
+    if checkpoint_dir is not None and (
+        is_url(checkpoint_dir) or mirror_dir is not None or os.path.isdir(checkpoint_dir)
+    ):
+        restored = _restore_from(session, scaffold, checkpoint_dir, mirror_dir)
         if restored is not None:
             scaffold.get_saver().recover_last_checkpoints_from(checkpoint_dir)
             return restored

@@ -21,6 +21,7 @@ import os
 from collections.abc import Sequence
 
 from ._fsutil import atomic_write, read_small_file, same_path
+from ._paths import is_url, normalize
 from ._text_format import format_checkpoint_state, parse_checkpoint_state
 
 logger = logging.getLogger(__name__)
@@ -120,7 +121,11 @@ def get_checkpoint_state(
     Raises:
         ValueError: ``latest_filename`` has path components.
     """
-    checkpoint_dir = os.fspath(checkpoint_dir)
+    checkpoint_dir = normalize(os.fspath(checkpoint_dir))
+    if is_url(checkpoint_dir):
+        from ._storage_for import remote_state
+
+        return remote_state(checkpoint_dir, latest_filename)
     state_path = state_file_path(checkpoint_dir, latest_filename)
     try:
         raw = read_small_file(state_path, STATE_FILE_LIMIT)

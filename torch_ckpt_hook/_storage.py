@@ -26,12 +26,13 @@ from __future__ import annotations
 
 import abc
 import os
+import shutil
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ._checkpoint_dir import find_checkpoints
 from ._checkpoint_file import CheckpointProblem, check_checkpoint, load_checkpoint, write_checkpoint
-from ._fsutil import remove_stray_temp_files
+from ._fsutil import atomic_write, remove_stray_temp_files
 from ._ownership import why_not_deletable
 from ._state_file import CheckpointState, get_checkpoint_state, update_checkpoint_state
 
@@ -68,6 +69,14 @@ class CheckpointStorage(abc.ABC):
     @abc.abstractmethod
     def why_not_deletable(self, path: str, directory: str, prefix: str | None) -> str | None:
         """Why a saver of ``prefix`` in ``directory`` must not delete ``path``, or None."""
+
+    def put_file(self, source: str, path: str) -> None:
+        """Copy the local checkpoint ``source`` to ``path``, complete or absent (the mirror's copy).
+
+        By default an atomic local copy, as ``write`` makes.
+        """
+        with open(source, "rb") as src:
+            atomic_write(path, lambda f: shutil.copyfileobj(src, f, 8 << 20))
 
     # -- reading ---------------------------------------------------------------------------
 

@@ -150,6 +150,7 @@ def MonitoredTrainingSession(
     keep_checkpoint_every_n_steps: int | None = None,
     checkpoint_on_error: bool = False,
     rank_state: Mapping[str, Any] | None = None,
+    mirror_dir: str | None = None,
 ) -> MonitoredSession:
     """A ``MonitoredSession`` with a step counter and a checkpoint hook, as TensorFlow's.
 
@@ -166,7 +167,9 @@ def MonitoredTrainingSession(
     (SIGTERM and SIGINT by default): the first such signal finishes the step, stops, and saves the
     final checkpoint; a second Ctrl-C raises ``KeyboardInterrupt`` at once.
     ``checkpoint_on_error`` is ``MonitoredSession``'s; only the chief saves, and it needs the
-    checkpoint hook (a ``checkpoint_dir`` and a positive interval).
+    checkpoint hook (a ``checkpoint_dir`` and a positive interval). ``mirror_dir`` is the
+    checkpoint hook's (a second, durable tier each checkpoint is copied to in the background;
+    restore takes the newest intact checkpoint of either).
     """
     chief = _resolve_is_chief(is_chief)
     checkpoint_dir = _check_path(checkpoint_dir, "checkpoint_dir")
@@ -212,6 +215,7 @@ def MonitoredTrainingSession(
                     save_steps=save_steps,
                     scaffold=scaffold,
                     async_save=async_save,
+                    mirror_dir=mirror_dir,
                 )
             )
     all_hooks.extend(user_hooks)
