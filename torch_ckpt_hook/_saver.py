@@ -26,6 +26,7 @@ from ._ownership import inside
 from ._payload_check import check_payload
 from ._retention import Entry, Retention, RetentionPolicy
 from ._session import PAYLOAD_KEYS
+from ._sharded_read import fit_to_session
 from ._staging import StagingArea
 from ._state_file import STATE_FILENAME
 from ._storage import CheckpointStorage, LocalStorage
@@ -275,9 +276,9 @@ class Saver:
         if save_path is None:
             raise ValueError("Can't load save_path when it is None.")
         logger.info("Restoring parameters from %s", save_path)
-        session.load_state_dict(
-            self._storage.read(save_path), restored_from=os.path.abspath(save_path)
-        )
+        # A sharded checkpoint's optimizer state is keyed by parameter name: into ids here.
+        payload = fit_to_session(self._storage.read(save_path), session)
+        session.load_state_dict(payload, restored_from=os.path.abspath(save_path))
 
     def recover_last_checkpoints(self, checkpoint_paths: list[str]) -> None:
         """Adopt ``checkpoint_paths`` (oldest first), dropping missing ones; mtimes become ages.

@@ -20,6 +20,7 @@ from ._errors import CheckpointCorruptedError, CheckpointError, CheckpointUnload
 from ._fsutil import file_type
 from ._scaffold import Scaffold
 from ._session import Session
+from ._sharded_read import is_sharded_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +59,9 @@ def _restore_from(session: Session, scaffold: Scaffold, checkpoint_dir: str) -> 
             mode = os.stat(path).st_mode
         except OSError:
             mode = None  # the load reports it
-        if mode is not None and not stat.S_ISREG(mode):
+        # A sharded checkpoint directory goes to the load, which verifies it.
+        sharded = mode is not None and stat.S_ISDIR(mode) and is_sharded_checkpoint(path)
+        if mode is not None and not stat.S_ISREG(mode) and not sharded:
             return CheckpointProblem(
                 "not_a_file", f"not a checkpoint file: it is {file_type(mode)}"
             )
