@@ -2,9 +2,9 @@
 
 DCP itself unpickles two things unsafely: ``FileSystemReader.read_metadata`` loads ``.metadata``
 with plain ``pickle``, and ``DefaultLoadPlanner.load_bytes`` loads every non-tensor value (an
-optimizer's param groups) with ``torch.load`` with weights-only loading turned off. Either lets a crafted
-checkpoint run code. This module is the package's only way into DCP reads; the API, for the
-offline loader (``_sharded_read``) and for the distributed restore alike:
+optimizer's param groups) with ``torch.load`` with weights-only loading turned off. Either lets
+a crafted checkpoint run code. This module is the package's only way into DCP reads; the API,
+for the offline loader (``_sharded_read``) and for the distributed restore alike:
 
 - ``read_safe_metadata(directory) -> Metadata``: ``.metadata`` through an unpickler that finds
   only DCP's metadata dataclasses, ``torch.Size``, torch dtypes and layouts, paths and the
