@@ -43,6 +43,7 @@ from ._cli_inventory import (
 )
 from ._errors import CheckpointError, NanLossDuringTrainingError
 from ._integrity import ProblemKind
+from ._sharded_read import is_sharded_checkpoint
 
 PROG = "torch-ckpt"
 EXIT_OK = 0
@@ -255,7 +256,7 @@ def _restore_outcome(
 
 
 def inspect(path: str, *, as_json: bool, verify: bool = True) -> int:
-    if os.path.isdir(path):
+    if os.path.isdir(path) and not is_sharded_checkpoint(path):
         path = checkpoint_to_inspect(path)
     try:
         payload = load_checkpoint(path, verify=verify)
@@ -401,7 +402,7 @@ def _optimizer_line(optimizer: Mapping[str, Any] | None) -> str:
 
 
 def verify(path: str) -> int:
-    if os.path.isdir(path):
+    if os.path.isdir(path) and not is_sharded_checkpoint(path):
         paths = checkpoint_paths(path)
         if not paths:
             raise CommandFailed(f"no checkpoints in {printable(path)}: nothing to verify")
