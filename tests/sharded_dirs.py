@@ -114,3 +114,63 @@ def truncate(path: str | os.PathLike[str], by: int = 7) -> None:
     size = os.path.getsize(path)
     with open(path, "r+b") as f:
         f.truncate(size - by)
+
+
+def fsdp2_model() -> torch.nn.Module:
+    """The small model ``fsdp2_save_worker`` shards (seeded: every rank builds the same)."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 6), torch.nn.LayerNorm(6)
+    )
+
+
+def fsdp2_save_worker(
+    rank: int, world_size: int, init_file: str, directory: str, expected: str
+) -> None:
+    """One rank of a real FSDP2 run on CPU (gloo) that writes a sharded checkpoint directory.
+
+    Every rank shards the model with ``fully_shard``, takes two Adam steps and saves its shards
+    with DCP into ``directory``; rank 0 then writes ``payload.pt`` and the manifest (the sharded
+    save's layout, ``_sharded_dir``) and the full state dict, gathered, to ``expected`` with
+    ``torch.save`` for the test to compare against.
+    """
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size
+    )
+    try:
+        model = fsdp2_model()
+        mesh = init_device_mesh("cpu", (world_size,))
+        for layer in model:
+            if isinstance(layer, torch.nn.Linear):
+                fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+        torch.manual_seed(1)
+        for _ in range(2):
+            model(torch.randn(4, 8)).pow(2).sum().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        model_state, optimizer_state = get_state_dict(model, optimizer)
+        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=directory)
+        full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        full_model, full_optimizer = get_state_dict(model, optimizer, options=full)
+        if rank == 0:
+            rest = {
+                "format_version": 1,
+                "global_step": 2,
+                "extra_state": {},
+                "rng": {"torch": torch.get_rng_state()},
+            }
+            write_checkpoint(
+                os.path.join(directory, PAYLOAD_NAME), {**rest, SHARDED_KEY: ["model", "optimizer"]}
+            )
+            commit_manifest(directory, 2, world_size)
+            torch.save({"model": full_model, "optimizer": full_optimizer}, expected)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()

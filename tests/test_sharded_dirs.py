@@ -20,6 +20,8 @@ import torch
 from sharded_dirs import (
     commit_manifest,
     flip_byte,
+    fsdp2_model,
+    fsdp2_save_worker,
     save_sharded,
     shard_names,
     split_payload,
@@ -470,3 +472,37 @@ def test_delete_removes_the_manifest_first_and_leaves_a_file_put_there_late(
     assert ["late.txt"] == os.listdir(target)
     assert "left the directory" in caplog.text
     assert [] == find_checkpoints(tmp_path)
+
+
+# -- real FSDP2 output ----------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_load_and_restore_a_directory_written_by_fsdp2_on_two_ranks(tmp_path: Path) -> None:
+    """Two gloo ranks shard a model with fully_shard and save it through DCP; one process with
+    no process group assembles the full state, equal to the one FSDP2 gathers itself."""
+    import torch.multiprocessing as mp
+
+    directory = str(tmp_path / "model.ckpt-2")
+    expected_path = str(tmp_path / "expected.pt")
+    # fork: the children start with torch already imported (spawn re-imports it, seconds).
+    mp.start_processes(
+        fsdp2_save_worker,
+        args=(2, str(tmp_path / "init"), directory, expected_path),
+        nprocs=2,
+        join=True,
+        start_method="fork",
+    )
+    expected = torch.load(expected_path, weights_only=True)
+
+    assert 2 == len(shard_names(directory))
+    assert None is verify_checkpoint(directory)
+    loaded = load_checkpoint(directory)
+    _assert_same(expected["model"], loaded["model"])
+    _assert_same(expected["optimizer"], loaded["optimizer"])
+
+    model = fsdp2_model()
+    fresh = Session(model, torch.optim.Adam(model.parameters(), lr=0.5))
+    Saver().restore(fresh, directory)
+    _assert_same(expected["model"], model.state_dict())
+    assert 0.01 == fresh.optimizer.param_groups[0]["lr"]  # type: ignore[union-attr]
