@@ -125,7 +125,7 @@ def fsdp2_model() -> torch.nn.Module:
 
 
 def fsdp2_save_worker(
-    rank: int, world_size: int, init_file: str, directory: str, expected: str
+    rank: int | str, world_size: int | str, init_file: str, directory: str, expected: str
 ) -> None:
     """One rank of a real FSDP2 run on CPU (gloo) that writes a sharded checkpoint directory.
 
@@ -139,6 +139,7 @@ def fsdp2_save_worker(
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    rank, world_size = int(rank), int(world_size)
     dist.init_process_group(
         "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size
     )

@@ -12,6 +12,8 @@ import os
 import pickle
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +23,6 @@ from sharded_dirs import (
     commit_manifest,
     flip_byte,
     fsdp2_model,
-    fsdp2_save_worker,
     save_sharded,
     shard_names,
     split_payload,
@@ -481,18 +482,41 @@ def test_delete_removes_the_manifest_first_and_leaves_a_file_put_there_late(
 def test_load_and_restore_a_directory_written_by_fsdp2_on_two_ranks(tmp_path: Path) -> None:
     """Two gloo ranks shard a model with fully_shard and save it through DCP; one process with
     no process group assembles the full state, equal to the one FSDP2 gathers itself."""
-    import torch.multiprocessing as mp
-
     directory = str(tmp_path / "model.ckpt-2")
     expected_path = str(tmp_path / "expected.pt")
-    # fork: the children start with torch already imported (spawn re-imports it, seconds).
-    mp.start_processes(
-        fsdp2_save_worker,
-        args=(2, str(tmp_path / "init"), directory, expected_path),
-        nprocs=2,
-        join=True,
-        start_method="fork",
+    tests = Path(__file__).parent
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join(
+            [str(tests.parent), str(tests), os.environ.get("PYTHONPATH", "")]
+        ),
     )
+    # Fresh interpreters: forking this one (threads, OpenMP) can deadlock the children.
+    code = (
+        "import sys; from sharded_dirs import fsdp2_save_worker; fsdp2_save_worker(*sys.argv[1:])"
+    )
+    ranks = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                code,
+                str(rank),
+                "2",
+                str(tmp_path / "init"),
+                directory,
+                expected_path,
+            ],
+            env=env,
+        )
+        for rank in range(2)
+    ]
+    try:
+        assert [0, 0] == [rank.wait(timeout=120) for rank in ranks]
+    finally:
+        for rank in ranks:
+            rank.kill()
+            rank.wait()
     expected = torch.load(expected_path, weights_only=True)
 
     assert 2 == len(shard_names(directory))
