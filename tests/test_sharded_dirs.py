@@ -44,9 +44,11 @@ from torch_ckpt_hook import (
 )
 from torch_ckpt_hook._checkpoint_dir import find_checkpoints
 from torch_ckpt_hook._checkpoint_file import check_checkpoint, write_checkpoint
+from torch_ckpt_hook._cli_inspection import named_tensors
 from torch_ckpt_hook._dcp_read import read_safe_metadata, safe_reader
 from torch_ckpt_hook._ownership import why_not_deletable
 from torch_ckpt_hook._sharded_dir import MANIFEST_NAME, PAYLOAD_NAME, _body_crc
+from torch_ckpt_hook._sharded_read import load_directory
 from torch_ckpt_hook._state_file import update_checkpoint_state
 from torch_ckpt_hook._storage import LocalStorage
 
@@ -250,6 +252,18 @@ def test_load_assembles_the_full_payload(saved: tuple[Session, str]) -> None:
 
     _assert_same(expected, loaded)
     assert "sharded_keys" not in loaded
+
+
+def test_an_outline_has_every_tensor_as_a_meta_tensor_of_its_shape(ckpt: str) -> None:
+    full = load_checkpoint(ckpt)
+
+    outline = load_directory(ckpt, outline=True)
+
+    shapes = {name: (t.shape, t.dtype) for name, t in named_tensors(full)}
+    assert shapes == {name: (t.shape, t.dtype) for name, t in named_tensors(outline)}
+    assert {"meta"} == {t.device.type for _name, t in named_tensors(outline["model"])}
+    assert full["optimizer"]["param_groups"] == outline["optimizer"]["param_groups"]
+    assert torch.equal(full["rng"]["torch"], outline["rng"]["torch"]), "payload.pt is read"
 
 
 def test_load_of_an_optimizer_before_its_first_step_has_empty_state(tmp_path: Path) -> None:

@@ -18,6 +18,8 @@ for the offline loader (``_sharded_read``) and for the distributed restore alike
   ``load_bytes`` uses ``torch.load(..., weights_only=True)``.
 - ``load_full_state(directory)``: the whole unsharded state dict in this process, with no
   process group.
+- ``load_outline(directory)``: the same, every tensor a ``meta`` tensor (nothing read but the
+  non-tensor values).
 - ``first_failure(err)``: the exception a rank raised inside DCP's ``CheckpointException``.
 
 Usage for a distributed restore, after the manifest verified::
@@ -278,6 +280,41 @@ def load_full_state(
         )
     except CheckpointException as err:
         raise first_failure(err) from err
+    return state
+
+
+def load_outline(directory: str | os.PathLike[str], keys: set[str] | None = None) -> dict[str, Any]:
+    """``load_full_state`` with every tensor a ``meta`` tensor of its saved shape and dtype.
+
+    Only the non-tensor values (param groups) are read: what ``torch-ckpt inspect`` shows of a
+    model too large for one process's memory.
+    """
+    reader = safe_reader(directory)
+    metadata = reader.read_metadata()
+    paths = metadata.planner_data if isinstance(metadata.planner_data, dict) else {}
+    tensors: dict[tuple[Any, ...], torch.Tensor] = {}
+    byte_keys: set[str] = set()
+    for fqn, item in metadata.state_dict_metadata.items():
+        path = tuple(paths.get(fqn, (fqn,)))
+        if keys is not None and path[0] not in keys:
+            continue
+        if isinstance(item, dcp_metadata.TensorStorageMetadata):
+            tensors[path] = torch.empty(item.size, dtype=item.properties.dtype, device="meta")
+        else:
+            byte_keys.add(fqn)
+    state: dict[str, Any] = {}
+    if byte_keys:
+        try:
+            _load_state_dict(
+                state,
+                storage_reader=reader,
+                planner=SafeEmptyLoadPlanner(keys=byte_keys),  # type: ignore[no-untyped-call]
+                no_dist=True,
+            )
+        except CheckpointException as err:
+            raise first_failure(err) from err
+    for path, tensor in tensors.items():
+        set_element(state, path, tensor)
     return state
 
 

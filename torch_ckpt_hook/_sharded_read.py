@@ -179,12 +179,17 @@ def _raise_for(directory: str, problem: CheckpointProblem) -> None:
 
 
 def load_directory(
-    path: str | os.PathLike[str], map_location: MAP_LOCATION = "cpu", *, verify: bool = True
+    path: str | os.PathLike[str],
+    map_location: MAP_LOCATION = "cpu",
+    *,
+    verify: bool = True,
+    outline: bool = False,
 ) -> dict[str, Any]:
     """The full, unsharded payload of the sharded checkpoint ``path`` (module docstring).
 
     In this process, with no process group. ``verify=False`` skips the manifest (a directory
-    without one loads), still loading everything with ``weights_only=True``.
+    without one loads), still loading everything with ``weights_only=True``. ``outline=True``
+    reads no tensor of the DCP files: each is a ``meta`` tensor of its shape and dtype.
 
     Raises:
         CheckpointCorruptedError: a file is damaged or missing, or there is no manifest.
@@ -213,21 +218,21 @@ def load_directory(
             f"({SHARDED_KEY!r}), got {keys!r}; it was not written by torch_ckpt_hook's "
             "sharded save"
         )
-    state = _load_dcp(directory, set(keys), verify=verify)
+    state = _load_dcp(directory, set(keys), verify=verify, outline=outline)
     for key in keys:
         payload[key] = _normalized(key, state.get(key, {}))
     target = _target_device(map_location)
-    if target is not None:
+    if target is not None and not outline:
         for key in keys:
             payload[key] = _to_device(payload[key], target)
     return payload
 
 
-def _load_dcp(directory: str, keys: set[str], *, verify: bool) -> dict[str, Any]:
-    from ._dcp_read import load_full_state  # torch.distributed, on demand
+def _load_dcp(directory: str, keys: set[str], *, verify: bool, outline: bool) -> dict[str, Any]:
+    from ._dcp_read import load_full_state, load_outline  # torch.distributed, on demand
 
     try:
-        return load_full_state(directory, keys)
+        return (load_outline if outline else load_full_state)(directory, keys)
     except CheckpointUnloadableError:
         raise
     except Exception as err:
