@@ -14,11 +14,13 @@ import re
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
 from sharded_dirs import (
     commit_manifest,
     flip_byte,
@@ -45,7 +47,7 @@ from torch_ckpt_hook import (
 from torch_ckpt_hook._checkpoint_dir import find_checkpoints
 from torch_ckpt_hook._checkpoint_file import check_checkpoint, write_checkpoint
 from torch_ckpt_hook._cli_inspection import named_tensors
-from torch_ckpt_hook._dcp_read import read_safe_metadata, safe_reader
+from torch_ckpt_hook._dcp_read import SafeLoadPlanner, read_safe_metadata, safe_reader
 from torch_ckpt_hook._ownership import why_not_deletable
 from torch_ckpt_hook._sharded_dir import MANIFEST_NAME, PAYLOAD_NAME, _body_crc
 from torch_ckpt_hook._sharded_read import load_directory
@@ -221,6 +223,23 @@ def test_metadata_naming_a_file_outside_the_directory_is_refused(
     assert "names data files its manifest does not list: ['../elsewhere.distcp']" in problem.message
 
 
+def test_dcp_load_with_the_safe_reader_and_planner_fills_a_state_dict(
+    saved: tuple[Session, str],
+) -> None:
+    """How the distributed restore uses them: dcp.load into the live state, in place."""
+    session, path = saved
+    fresh = _session(seed=1, steps=1)
+    model_state, optimizer_state = get_state_dict(fresh.model, fresh.optimizer)  # type: ignore[arg-type]
+    state = {"model": model_state, "optimizer": optimizer_state}
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+        dcp.load(state, storage_reader=safe_reader(path), planner=SafeLoadPlanner(), no_dist=True)
+
+    model_state, optimizer_state = get_state_dict(session.model, session.optimizer)  # type: ignore[arg-type]
+    _assert_same({"model": model_state, "optimizer": optimizer_state}, state)
+
+
 class _Custom:
     """A class weights_only loading refuses."""
 
@@ -317,6 +336,18 @@ def test_saver_restores_a_directory_into_a_plain_session(saved: tuple[Session, s
     _assert_same(session.optimizer.state_dict(), fresh.optimizer.state_dict())  # type: ignore[union-attr]
     assert (session.global_step, {"seen": 2}) == (fresh.global_step, fresh.extra_state["stats"])
     assert os.path.abspath(path) == fresh.restored_from
+
+
+def test_session_load_state_dict_takes_a_loaded_directory_as_it_is(
+    saved: tuple[Session, str],
+) -> None:
+    """torch's Optimizer.load_state_dict treats FQNs as opaque ids, matched by position."""
+    session, path = saved
+    fresh = _session(seed=1, steps=1)
+
+    fresh.load_state_dict(load_checkpoint(path))
+
+    _assert_same(session.optimizer.state_dict(), fresh.optimizer.state_dict())  # type: ignore[union-attr]
 
 
 def test_restore_matches_the_optimizer_state_by_name_not_order(
