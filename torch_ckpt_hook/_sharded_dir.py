@@ -21,11 +21,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 import zlib
 from collections.abc import Mapping
 
 from ._fsutil import atomic_write, fsync_dir, open_regular_file, read_small_file
+
+logger = logging.getLogger(__name__)
 
 MANIFEST_NAME = "torch_ckpt_manifest.json"
 PAYLOAD_NAME = "payload.pt"
@@ -211,3 +214,26 @@ def remove_sharded_dir(directory: str | os.PathLike[str], manifest: Manifest) ->
     if not left:
         os.rmdir(directory)
     return left
+
+
+def delete_sharded_dir(directory: str | os.PathLike[str]) -> None:
+    """Delete the sharded checkpoint ``directory`` (``remove_sharded_dir``), once its manifest
+    has been read again: anything else found inside (put there after retention's ownership
+    check) is left, with the directory, and a warning names it.
+
+    Raises:
+        FileNotFoundError: it has no manifest any more (nothing is deleted).
+        OSError: its manifest is not valid, or could not be removed (nothing is deleted).
+    """
+    try:
+        manifest = read_manifest(directory)
+    except ValueError as err:  # ManifestError, or not a regular file
+        raise OSError(f"not deleting {directory}: its manifest is not valid ({err})") from err
+    left = remove_sharded_dir(directory, manifest)
+    if left:
+        logger.warning(
+            "Deleted the files of checkpoint %s but left the directory: it holds files its "
+            "manifest does not list, which are not this package's to delete: %s",
+            os.fspath(directory),
+            ", ".join(left),
+        )

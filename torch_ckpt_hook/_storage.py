@@ -25,7 +25,6 @@ implementations.
 from __future__ import annotations
 
 import abc
-import logging
 import os
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -34,13 +33,11 @@ from ._checkpoint_dir import find_checkpoints
 from ._checkpoint_file import CheckpointProblem, check_checkpoint, load_checkpoint, write_checkpoint
 from ._fsutil import remove_stray_temp_files
 from ._ownership import why_not_deletable
-from ._sharded_dir import MANIFEST_NAME, read_manifest, remove_sharded_dir
+from ._sharded_dir import MANIFEST_NAME, delete_sharded_dir
 from ._state_file import CheckpointState, get_checkpoint_state, update_checkpoint_state
 
 if TYPE_CHECKING:
     from torch.serialization import MAP_LOCATION
-
-logger = logging.getLogger(__name__)
 
 
 class CheckpointStorage(abc.ABC):
@@ -108,30 +105,6 @@ class CheckpointStorage(abc.ABC):
         """Whether ``directory`` exists as a directory checkpoints can be written into."""
 
 
-def delete_sharded_directory(path: str) -> None:
-    """Delete the sharded checkpoint ``path``: manifest first, then the files it lists.
-
-    Anything else found inside (put there after ``why_not_deletable`` cleared it) is left, with
-    the directory, and a warning.
-
-    Raises:
-        FileNotFoundError: it has no manifest any more (nothing is deleted).
-        OSError: its manifest is not valid, or could not be removed (nothing is deleted).
-    """
-    try:
-        manifest = read_manifest(path)
-    except ValueError as err:  # ManifestError, or not a regular file
-        raise OSError(f"not deleting {path}: its manifest is not valid ({err})") from err
-    left = remove_sharded_dir(path, manifest)
-    if left:
-        logger.warning(
-            "Deleted the files of checkpoint %s but left the directory: it holds files its "
-            "manifest does not list, which are not this package's to delete: %s",
-            path,
-            ", ".join(left),
-        )
-
-
 class LocalStorage(CheckpointStorage):
     """Checkpoints as single ``torch.save`` files on a local (or mounted) file system."""
 
@@ -146,7 +119,7 @@ class LocalStorage(CheckpointStorage):
 
     def delete(self, path: str) -> None:
         if os.path.isdir(path) and not os.path.islink(path):
-            delete_sharded_directory(path)
+            delete_sharded_dir(path)
             return
         os.remove(path)
 
