@@ -200,11 +200,6 @@ def test_fsdp_corrupted_shard_falls_back_to_the_previous_checkpoint(worlds: Worl
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="deleting whole sharded directories is the offline part of issue 12 (wt-dirs: "
-    "_ownership and LocalStorage.delete); passes once that is merged",
-)
 def test_fsdp_retention_deletes_whole_directories(worlds: Worlds) -> None:
     result = worlds.results("fsdp", "fsdp_corruption_and_retention")[0]
     assert result["listed"] == ["model.ckpt-4", "model.ckpt-6"]

@@ -27,6 +27,7 @@ from ._checkpoint_file import CheckpointProblem, check_checkpoint
 from ._fsutil import is_temp_file, path_key, read_small_file
 from ._integrity import ProblemKind
 from ._paths import is_url, normalize
+from ._sharded_dir import MANIFEST_NAME
 from ._state_file import STATE_FILENAME, get_checkpoint_state, state_file_path
 from ._text_format import parse_checkpoint_state
 
@@ -109,8 +110,10 @@ def find_checkpoints(checkpoint_dir: str | os.PathLike[str]) -> list[tuple[int, 
     """The committed checkpoint files in ``checkpoint_dir``, as ``(step, path)``, oldest first.
 
     A committed checkpoint is a regular file named ``<prefix>-<step>`` that is a complete zip
-    archive (``torch.save``'s format); temporary files of unfinished saves, the state file and
-    truncated or foreign files are left out. Sorted by step, then modification time.
+    archive (``torch.save``'s format), or a directory of that name holding a sharded
+    checkpoint's manifest (``_sharded_dir``: written last, so a save that never committed is
+    not listed); temporary files of unfinished saves, the state file and truncated or foreign
+    files are left out. Sorted by step, then modification time (a manifest's, for a directory).
     """
     checkpoint_dir = os.fspath(checkpoint_dir)
     try:
@@ -123,6 +126,12 @@ def find_checkpoints(checkpoint_dir: str | os.PathLike[str]) -> list[tuple[int, 
         if m is None or entry.name == STATE_FILENAME or is_temp_file(entry.name):
             continue
         try:
+            if entry.is_dir():
+                # A sharded checkpoint counts once its manifest, written last, is there.
+                manifest = os.path.join(entry.path, MANIFEST_NAME)
+                if os.path.isfile(manifest):
+                    found.append((int(m["step"]), os.stat(manifest).st_mtime, entry.path))
+                continue
             if not entry.is_file():
                 continue
             mtime = entry.stat().st_mtime

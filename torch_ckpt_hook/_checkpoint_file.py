@@ -31,6 +31,7 @@ from ._integrity import CheckpointProblem as CheckpointProblem  # re-exported: t
 from ._integrity import check_file, checksum_problem, save_with_checksum
 from ._messages import error_line
 from ._paths import is_url, normalize
+from ._sharded_read import check_directory, is_sharded_checkpoint, load_directory
 
 logger = logging.getLogger(__name__)
 
@@ -54,12 +55,15 @@ def check_checkpoint(path: str | os.PathLike[str]) -> CheckpointProblem | None:
     ``torch.save`` file), ``unreadable`` (missing, no permission, an I/O error) or ``not_a_file``
     (a directory, FIFO, socket or device, never opened). Only the checksum is checked; nothing is
     unpickled, so a file that passes can still be unloadable (``load_checkpoint`` says why).
+    A sharded checkpoint directory is checked against its manifest (``_sharded_read``).
     """
     path = normalize(os.fspath(path))
     if is_url(path):
         from ._storage_for import remote_check
 
         return remote_check(path)
+    if is_sharded_checkpoint(path):
+        return check_directory(path)
     return check_file(path)
 
 
@@ -69,7 +73,8 @@ def verify_checkpoint(path: str | os.PathLike[str]) -> str | None:
     The problem is ``check_checkpoint``'s message, one line: truncated, checksum mismatch, no
     checksum (a file not written by this package), unreadable (missing, no permission), or not
     a regular file (a directory, a FIFO, a device). Only the checksum is checked; nothing is
-    unpickled.
+    unpickled. A sharded checkpoint directory: its manifest, every file it lists, and the DCP
+    metadata (unpickled by a restricted unpickler).
     """
     problem = check_checkpoint(path)
     return None if problem is None else problem.message
@@ -79,6 +84,9 @@ def load_checkpoint(
     path: str | os.PathLike[str], map_location: MAP_LOCATION = "cpu", *, verify: bool = True
 ) -> dict[str, Any]:
     """Read the payload of the checkpoint at ``path`` with ``weights_only=True``.
+
+    ``path`` may be a sharded checkpoint directory: its full, unsharded payload is assembled in
+    this process, with no process group (``_sharded_read.load_directory``).
 
     Args:
         verify: check the checksum first. ``False`` loads a file that has none (written by plain
@@ -101,6 +109,8 @@ def load_checkpoint(
         from ._storage_for import remote_load
 
         return remote_load(path, map_location, verify=verify)
+    if is_sharded_checkpoint(path):
+        return load_directory(path, map_location, verify=verify)
     try:
         f = open_regular_file(path)
     except FileNotFoundError:

@@ -44,6 +44,7 @@ from ._cli_inventory import (
 from ._cli_remote import mirror_summary
 from ._errors import CheckpointError, NanLossDuringTrainingError
 from ._integrity import ProblemKind
+from ._sharded_read import is_sharded_checkpoint, load_directory
 
 PROG = "torch-ckpt"
 EXIT_OK = 0
@@ -261,10 +262,14 @@ def _restore_outcome(
 
 
 def inspect(path: str, *, as_json: bool, verify: bool = True) -> int:
-    if os.path.isdir(path):
+    if os.path.isdir(path) and not is_sharded_checkpoint(path):
         path = checkpoint_to_inspect(path)
     try:
-        payload = load_checkpoint(path, verify=verify)
+        if is_sharded_checkpoint(path):
+            # Shapes and dtypes from the DCP metadata: no tensor is read (a model may not fit).
+            payload = load_directory(path, verify=verify, outline=True)
+        else:
+            payload = load_checkpoint(path, verify=verify)
     except (CheckpointError, ValueError) as err:
         raise CommandFailed(printable(str(err))) from err
     document = build_document(path, payload)
@@ -407,7 +412,7 @@ def _optimizer_line(optimizer: Mapping[str, Any] | None) -> str:
 
 
 def verify(path: str) -> int:
-    if os.path.isdir(path):
+    if os.path.isdir(path) and not is_sharded_checkpoint(path):
         paths = checkpoint_paths(path)
         if not paths:
             raise CommandFailed(f"no checkpoints in {printable(path)}: nothing to verify")

@@ -31,6 +31,7 @@ from ._cli_commands import EXIT_OK, EXIT_USAGE, PROG, CommandFailed, checkpoint_
 from ._cli_format import a_type, count, human_bytes, printable
 from ._errors import CheckpointError
 from ._fsutil import atomic_write, file_type, same_path
+from ._sharded_read import is_sharded_checkpoint
 
 # --dtype's choices: the floating dtypes a model is commonly served in.
 DTYPES: Mapping[str, torch.dtype] = {
@@ -208,7 +209,7 @@ def export(
     if safetensors and not safetensors_available():
         raise CommandFailed(SAFETENSORS_MISSING)
     _check_destination(dst, force)
-    if os.path.isdir(src):
+    if os.path.isdir(src) and not is_sharded_checkpoint(src):
         src = checkpoint_to_inspect(src, command="export")
         itself = f"the checkpoint SRC stands for ({printable(src)})"
     else:

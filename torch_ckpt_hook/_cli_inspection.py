@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from ._cli_format import a_type, count, printable
+from ._sharded_read import directory_size
 from ._validation import is_number
 
 
@@ -80,7 +81,7 @@ def build_document(path: str, payload: Mapping[str, Any]) -> dict[str, Any]:
             total["bytes"] += tensor.bytes
     return {
         "path": printable(os.path.abspath(path)),
-        "size_bytes": os.path.getsize(path),
+        "size_bytes": directory_size(path) if os.path.isdir(path) else os.path.getsize(path),
         "format_version": payload.get("format_version"),
         "global_step": payload.get("global_step"),
         "payload_keys": [printable(str(key)) for key in payload],

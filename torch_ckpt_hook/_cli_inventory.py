@@ -26,6 +26,8 @@ from ._cli_inspection import metric_number
 from ._fsutil import is_temp_file, path_key, same_path
 from ._integrity import ProblemKind
 from ._messages import os_error_reason
+from ._sharded_dir import MANIFEST_NAME
+from ._sharded_read import directory_size, is_sharded_checkpoint
 from ._state_file import STATE_FILENAME, CheckpointState, get_checkpoint_state
 
 DEFAULT_PREFIX = "model.ckpt"
@@ -215,8 +217,11 @@ def _listed(
     listed = []
     for path in paths:
         problem = problems[path_key(path)]
+        sharded = is_sharded_checkpoint(path)
         try:
-            stat = os.stat(path)
+            # A sharded checkpoint was saved when its manifest, written last, was.
+            manifest = os.path.join(path, MANIFEST_NAME)
+            stat = os.stat(manifest if sharded and os.path.isfile(manifest) else path)
         except OSError as err:
             size, mtime = None, None
             problem = problem or CheckpointProblem(
@@ -226,6 +231,8 @@ def _listed(
             mtime = stat.st_mtime
             # A directory's or a device's size says nothing about a checkpoint.
             size = None if problem is not None and problem.kind == "not_a_file" else stat.st_size
+            if sharded:
+                size = directory_size(path)
         listed.append(
             Listed(
                 path=printable(os.path.abspath(path)),

@@ -6,6 +6,11 @@ it is adopted, and again right before it is deleted, it must be a checkpoint of 
 regular file (not a link, a directory or a device) directly inside the directory the saver
 writes to, named ``<prefix>-<step>`` with the saver's prefix, ending in this package's checksum
 trailer. Anything else is dropped from the list with a warning and left on disk.
+
+A sharded checkpoint (a directory ``<prefix>-<step>``, not a link) is proved ours by its
+manifest: valid, of this package's format, its own checksum holding. A directory without one
+(someone's, or a save that never committed), or holding anything its manifest does not list
+(someone put a file there), is never deleted.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import re
 import stat
 
 from ._integrity import has_trailer
+from ._sharded_dir import ManifestError, read_manifest, unlisted_entries
 from ._state_file import STATE_FILENAME
 
 
@@ -43,8 +49,35 @@ def why_not_deletable(path: str, directory: str, prefix: str | None) -> str | No
         return "it does not exist"
     except OSError as err:
         return f"it cannot be examined ({err.strerror or err})"
+    if stat.S_ISDIR(mode):
+        return why_not_deletable_directory(path)
     if not stat.S_ISREG(mode):
         return "it is not a regular file (a link, a directory or a device)"
     if not has_trailer(path):
         return "it does not end in torch_ckpt_hook's checksum trailer"
+    return None
+
+
+def why_not_deletable_directory(path: str) -> str | None:
+    """Why the directory ``path`` is not a sharded checkpoint this package committed, or None."""
+    try:
+        manifest = read_manifest(path)
+    except FileNotFoundError:
+        return (
+            "it is a directory without a sharded checkpoint manifest (not one this package "
+            "committed)"
+        )
+    except ManifestError as err:
+        return f"its manifest is not a valid torch_ckpt_hook manifest ({err})"
+    except (OSError, ValueError) as err:
+        return f"its manifest cannot be read ({err})"
+    try:
+        extra = unlisted_entries(path, manifest)
+    except OSError as err:
+        return f"it cannot be listed ({err.strerror or err})"
+    if extra:
+        return (
+            f"it holds files its manifest does not list ({', '.join(extra)}), which are not "
+            "this package's to delete"
+        )
     return None

@@ -28,7 +28,8 @@ from ._paths import abspath, dirname, inside, is_url, normalize
 from ._payload_check import check_payload
 from ._retention import Entry, Retention, RetentionPolicy
 from ._session import PAYLOAD_KEYS
-from ._sharded_dir import FileDigest, has_manifest
+from ._sharded_dir import FileDigest
+from ._sharded_read import fit_to_session, is_sharded_checkpoint
 from ._sharded_storage import ShardedStorage, read_sharded
 from ._staging import StagingArea
 from ._state_file import STATE_FILENAME
@@ -348,7 +349,8 @@ class Saver:
         if save_path is None:
             raise ValueError("Can't load save_path when it is None.")
         logger.info("Restoring parameters from %s", save_path)
-        if not is_url(save_path) and os.path.isdir(save_path) and has_manifest(save_path):
+        if not is_url(save_path) and is_sharded_checkpoint(save_path):
+            # Read into the session's own (possibly sharded) state: DCP reshards.
             payload = read_sharded(session, save_path)
         else:
             # A URL (a mirror's checkpoint) through fsspec, whatever storage this saver writes
@@ -356,7 +358,8 @@ class Saver:
             storage = self._storage
             if is_url(save_path) and not isinstance(storage, (DefaultStorage, FsspecStorage)):
                 storage = storage_for(save_path)
-            payload = storage.read(save_path)
+            # A sharded checkpoint's optimizer state is keyed by parameter name: into ids here.
+            payload = fit_to_session(storage.read(save_path), session)
         session.load_state_dict(payload, restored_from=abspath(save_path))
 
     def recover_last_checkpoints(self, checkpoint_paths: list[str]) -> None:

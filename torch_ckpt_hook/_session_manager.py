@@ -22,8 +22,8 @@ from ._mirror_policy import merge_newest_first
 from ._paths import is_url
 from ._scaffold import Scaffold
 from ._session import Session
-from ._sharded_dir import has_manifest
-from ._sharded_storage import manifest_problem, read_sharded
+from ._sharded_read import is_sharded_checkpoint
+from ._sharded_storage import read_sharded
 
 logger = logging.getLogger(__name__)
 
@@ -80,8 +80,8 @@ def _restore_from(
             mode = None if is_url(path) else os.stat(path).st_mode
         except OSError:
             mode = None  # the load reports it
-        # A directory with a manifest is a sharded checkpoint (checked when it is read).
-        sharded = mode is not None and stat.S_ISDIR(mode) and has_manifest(path)
+        # A sharded checkpoint directory goes to the load, which verifies it.
+        sharded = mode is not None and stat.S_ISDIR(mode) and is_sharded_checkpoint(path)
         if mode is not None and not stat.S_ISREG(mode) and not sharded:
             return CheckpointProblem(
                 "not_a_file", f"not a checkpoint file: it is {file_type(mode)}"
@@ -147,13 +147,6 @@ def prepare_session(
     return None
 
 
-def _examine(path: str) -> CheckpointProblem | None:
-    """A candidate's problem by its checksums (a sharded one by its manifest), without loading."""
-    if os.path.isdir(path):
-        return manifest_problem(path)
-    return check_checkpoint(path)
-
-
 def _prepare_distributed(
     session: Session,
     scaffold: Scaffold,
@@ -175,10 +168,10 @@ def _prepare_distributed(
     if group.is_chief:
         if checkpoint_filename_with_path is not None:
             named = checkpoint_filename_with_path
-            problem = manifest_problem(named) if os.path.isdir(named) else None
+            problem = check_checkpoint(named) if os.path.isdir(named) else None
             choice = (named, None) if problem is None else (None, f"{named}: {problem.message}")
         elif checkpoint_dir is not None and os.path.isdir(checkpoint_dir):
-            restore = choose_restore(restore_candidates(checkpoint_dir), _examine)
+            restore = choose_restore(restore_candidates(checkpoint_dir), check_checkpoint)
             for skipped, problem in restore.skipped:
                 logger.warning("Skipping checkpoint %s: %s", skipped, problem.message)
             if restore.refused:

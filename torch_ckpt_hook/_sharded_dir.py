@@ -18,13 +18,17 @@ This module is the format only: writing and reading the manifest, digesting file
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import logging
 import os
 import zlib
 from collections.abc import Mapping
 
-from ._fsutil import atomic_write, open_regular_file, read_small_file
+from ._fsutil import atomic_write, fsync_dir, open_regular_file, read_small_file
+
+logger = logging.getLogger(__name__)
 
 MANIFEST_NAME = "torch_ckpt_manifest.json"
 PAYLOAD_NAME = "payload.pt"
@@ -57,6 +61,10 @@ class Manifest:
 
 class ManifestError(ValueError):
     """A manifest that is missing, unreadable as JSON, or not of this format."""
+
+
+class ManifestVersionError(ManifestError):
+    """A valid manifest of a newer version of this format: intact, but not readable here."""
 
 
 def digest_file(path: str | os.PathLike[str]) -> FileDigest:
@@ -112,7 +120,8 @@ def read_manifest(directory: str | os.PathLike[str]) -> Manifest:
     Raises:
         FileNotFoundError: the directory has no manifest (not a committed checkpoint).
         OSError: it cannot be read.
-        ManifestError: it is not a valid manifest of this format (damaged, or someone else's).
+        ManifestError: it is not a valid manifest of this format (damaged, or someone else's);
+            ``ManifestVersionError`` for an intact one of another version.
     """
     path = os.path.join(os.fspath(directory), MANIFEST_NAME)
     raw = read_small_file(path, MANIFEST_LIMIT)
@@ -126,7 +135,7 @@ def read_manifest(directory: str | os.PathLike[str]) -> Manifest:
     if stored != _body_crc(document):
         raise ManifestError(f"{path} is damaged: its checksum does not match its contents")
     if document.get("version") != MANIFEST_VERSION:
-        raise ManifestError(
+        raise ManifestVersionError(
             f"{path} has manifest version {document.get('version')!r}; this torch_ckpt_hook "
             f"reads version {MANIFEST_VERSION}: upgrade torch-ckpt-hook"
         )
@@ -143,3 +152,88 @@ def read_manifest(directory: str | os.PathLike[str]) -> Manifest:
 def has_manifest(directory: str | os.PathLike[str]) -> bool:
     """Whether ``directory`` holds a manifest file (not whether it is valid)."""
     return os.path.isfile(os.path.join(os.fspath(directory), MANIFEST_NAME))
+
+
+# What DCP and the chief put in a sharded checkpoint directory: a directory holding any of these
+# but no manifest is a save that never committed (killed, or still being written).
+DCP_METADATA_NAME = ".metadata"
+DCP_DATA_SUFFIX = ".distcp"
+
+
+def looks_sharded(directory: str | os.PathLike[str]) -> bool:
+    """Whether ``directory`` holds a manifest, DCP files or a payload file (not whether valid)."""
+    try:
+        names = os.listdir(os.fspath(directory))
+    except OSError:
+        return False
+    return any(
+        name in (MANIFEST_NAME, PAYLOAD_NAME)
+        or name.startswith(DCP_METADATA_NAME)
+        or name.endswith(DCP_DATA_SUFFIX)
+        for name in names
+    )
+
+
+def is_member_name(name: str) -> bool:
+    """Whether ``name`` (from a manifest) is a relative POSIX path staying inside its directory."""
+    parts = name.split("/")
+    return bool(name) and "\\" not in name and all(p not in ("", ".", "..") for p in parts)
+
+
+def unlisted_entries(directory: str | os.PathLike[str], manifest: Manifest) -> list[str]:
+    """The entries of ``directory`` (sorted names) that neither are nor hold a listed file.
+
+    Listed files in subdirectories count for their top-level directory.
+    """
+    listed = {name.split("/", 1)[0] for name in manifest.files} | {MANIFEST_NAME}
+    return sorted(set(os.listdir(os.fspath(directory))) - listed)
+
+
+def remove_sharded_dir(directory: str | os.PathLike[str], manifest: Manifest) -> list[str]:
+    """Delete the sharded checkpoint ``directory``: its manifest first, then its listed files.
+
+    The manifest goes first, so a deletion interrupted part-way never leaves a directory that
+    is listed as a checkpoint. Only the manifest and the files it lists are removed, then the
+    directory (and listed files' subdirectories) if that left them empty. Returns the names
+    of the entries left behind (someone else's files), with which the directory stays.
+
+    Raises:
+        OSError: the manifest could not be removed (nothing else was).
+    """
+    directory = os.fspath(directory)
+    os.remove(os.path.join(directory, MANIFEST_NAME))
+    fsync_dir(directory)
+    for name in sorted(filter(is_member_name, manifest.files)):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(directory, *name.split("/")))
+    subdirectories = {os.path.dirname(n) for n in manifest.files if is_member_name(n)} - {""}
+    for sub in sorted(subdirectories, key=len, reverse=True):
+        with contextlib.suppress(OSError):
+            os.rmdir(os.path.join(directory, *sub.split("/")))
+    left = sorted(os.listdir(directory))
+    if not left:
+        os.rmdir(directory)
+    return left
+
+
+def delete_sharded_dir(directory: str | os.PathLike[str]) -> None:
+    """Delete the sharded checkpoint ``directory`` (``remove_sharded_dir``), once its manifest
+    has been read again: anything else found inside (put there after retention's ownership
+    check) is left, with the directory, and a warning names it.
+
+    Raises:
+        FileNotFoundError: it has no manifest any more (nothing is deleted).
+        OSError: its manifest is not valid, or could not be removed (nothing is deleted).
+    """
+    try:
+        manifest = read_manifest(directory)
+    except ValueError as err:  # ManifestError, or not a regular file
+        raise OSError(f"not deleting {directory}: its manifest is not valid ({err})") from err
+    left = remove_sharded_dir(directory, manifest)
+    if left:
+        logger.warning(
+            "Deleted the files of checkpoint %s but left the directory: it holds files its "
+            "manifest does not list, which are not this package's to delete: %s",
+            os.fspath(directory),
+            ", ".join(left),
+        )

@@ -11,7 +11,7 @@ One save, on the writer thread of every rank (``Saver`` drives it, see ``_dist_s
    its files durable, writes the manifest that makes the directory a checkpoint.
 
 The reads (``read_sharded``) verify the manifest, then read the shards with the safe reader of
-``_dcp_safe`` into the session's own state (so DCP reshards to the current world size).
+``_dcp_read`` into the session's own state (so DCP reshards to the current world size).
 Everything else (the state file, retention, listing) is the wrapped file storage's.
 """
 
@@ -29,7 +29,7 @@ import torch
 from ._checkpoint_file import CheckpointProblem, load_checkpoint, write_checkpoint
 from ._dist_save import SHARDED_KEYS
 from ._distributed import CheckpointGroup
-from ._errors import CheckpointCorruptedError
+from ._errors import CheckpointCorruptedError, CheckpointError
 from ._fsutil import fsync_dir
 from ._sharded_dir import (
     MANIFEST_NAME,
@@ -37,11 +37,10 @@ from ._sharded_dir import (
     SHARDED_KEY,
     FileDigest,
     Manifest,
-    ManifestError,
     digest_file,
-    read_manifest,
     write_manifest,
 )
+from ._sharded_read import check_directory
 from ._state_file import CheckpointState
 from ._storage import CheckpointStorage, LocalStorage
 
@@ -66,32 +65,6 @@ def _rank_files(path: str, rank: int, is_chief: bool) -> list[str]:
         if name.startswith(f"__{rank}_") or (is_chief and not name.startswith("__")):
             names.append(name)
     return names
-
-
-def manifest_problem(path: str) -> CheckpointProblem | None:
-    """What is wrong with the sharded checkpoint ``path`` by its manifest, or None."""
-    try:
-        manifest = read_manifest(path)
-    except FileNotFoundError:
-        return CheckpointProblem("corrupted", f"{path} has no manifest: not a committed checkpoint")
-    except ManifestError as err:
-        return CheckpointProblem("corrupted", str(err))
-    except OSError as err:
-        return CheckpointProblem("unreadable", f"unreadable: {err}")
-    for name, expected in sorted(manifest.files.items()):
-        try:
-            actual = digest_file(os.path.join(path, name))
-        except FileNotFoundError:
-            return CheckpointProblem("corrupted", f"{path} lacks {name}, listed in its manifest")
-        except OSError as err:
-            return CheckpointProblem("unreadable", f"unreadable: {name}: {err}")
-        if actual != expected:
-            return CheckpointProblem(
-                "corrupted",
-                f"{path}: {name} does not match the manifest (size {actual.size}, expected "
-                f"{expected.size}; checksum {actual.crc32:#010x}, expected {expected.crc32:#010x})",
-            )
-    return None
 
 
 @contextlib.contextmanager
@@ -130,11 +103,12 @@ def read_sharded(session: Session, path: str, *, verify: bool = True) -> dict[st
     Raises:
         CheckpointCorruptedError: a file does not match the manifest, or there is none.
     """
+    from torch.distributed.checkpoint import CheckpointException
     from torch.distributed.checkpoint.state_dict_loader import load
 
-    from ._dcp_safe import SafeFileSystemReader, SafeLoadPlanner
+    from ._dcp_read import SafeLoadPlanner, first_failure, safe_reader
 
-    problem = manifest_problem(path) if verify else None
+    problem = check_directory(path) if verify else None
     if problem is not None:
         if problem.kind == "unreadable":
             raise OSError(problem.message)
@@ -146,13 +120,24 @@ def read_sharded(session: Session, path: str, *, verify: bool = True) -> dict[st
     target = {key: _clone(template[key]) for key in keys if template.get(key) is not None}
     group = session.checkpoint_group
     with _single_process(group) as no_dist:
-        load(
-            target,
-            storage_reader=SafeFileSystemReader(path),
-            planner=SafeLoadPlanner(),
-            process_group=group.step_process_group,
-            no_dist=no_dist,
-        )
+        try:
+            load(
+                target,
+                storage_reader=safe_reader(path),
+                planner=SafeLoadPlanner(),
+                process_group=group.step_process_group,
+                no_dist=no_dist,
+            )
+        except CheckpointException as err:
+            # DCP wraps every failure (a BaseException): ours are raised as they are, the rest
+            # mean the checkpoint holds other keys or shapes than this session's state.
+            cause = first_failure(err)
+            if isinstance(cause, CheckpointError):
+                raise cause from err
+            raise ValueError(
+                f"{path} does not fit this session's model and optimizer: {cause}; restore it "
+                "into the model (and optimizer) it was saved from"
+            ) from err
     payload.update(target)
     payload.setdefault("optimizer", None)
     return payload
@@ -243,7 +228,7 @@ class ShardedStorage(CheckpointStorage):
 
     def check(self, path: str) -> CheckpointProblem | None:
         if os.path.isdir(path):
-            return manifest_problem(path)
+            return check_directory(path)
         return self._files.check(path)
 
     def read(self, path: str, map_location: MAP_LOCATION = "cpu") -> dict[str, Any]:
