@@ -103,7 +103,7 @@ def read_sharded(session: Session, path: str, *, verify: bool = True) -> dict[st
     Raises:
         CheckpointCorruptedError: a file does not match the manifest, or there is none.
     """
-    from torch.distributed.checkpoint import CheckpointException
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict_loader import load
 
     from ._dcp_read import SafeLoadPlanner, first_failure, safe_reader
