@@ -248,6 +248,10 @@ class Saver:
         self._in_flight.add(handle)
         return handle.result() if blocking else handle
 
+    def save_in_flight(self) -> bool:
+        """Whether a save is still being written (a save started now would wait); never blocks."""
+        return self._in_flight.busy()
+
     def wait_for_previous_save(self, next_name: str | None = None) -> None:
         """Wait for the save still being written, if any (before saving ``next_name``).
 
