@@ -14,6 +14,7 @@ import torch
 from ._inplace_guard import InplaceGuard
 from ._portable_state import strip_wrapper_prefixes, unwrap_model
 from ._rng import get_rng_state, set_rng_state
+from ._stateful_capture import capture_state, loadable_state
 from ._validation import check_int
 
 if TYPE_CHECKING:
@@ -224,7 +225,7 @@ class Session:
             "model": unwrap_model(self._model).state_dict(),
             "optimizer": optimizer_state,
             "extra_state": {
-                name: dict(obj) if _is_plain(obj) else obj.state_dict()
+                name: dict(obj) if _is_plain(obj) else capture_state(obj)
                 for name, obj in self._extra_state.items()
             },
             "rng": get_rng_state(),
@@ -261,7 +262,7 @@ class Session:
                     _restore_plain(obj, state_dict["extra_state"][name])
                     continue
                 undo.append(functools.partial(obj.load_state_dict, copy.deepcopy(obj.state_dict())))
-                obj.load_state_dict(state_dict["extra_state"][name])
+                obj.load_state_dict(loadable_state(obj, state_dict["extra_state"][name]))
             saved = state_dict["optimizer"]
             for index, optimizer in enumerate(self._optimizers):
                 before = _shallow_optimizer_state(optimizer)
