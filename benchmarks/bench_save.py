@@ -368,9 +368,7 @@ def memcpy_floor(state: TrainState, workdir: Path) -> Adapter:
             list(pool.map(copy, pieces))
         return Pending(wait=lambda: "", done=lambda: True)
 
-    return Adapter(
-        save=save, load=None, discard=lambda path: None, close=lambda: pool.shutdown()
-    )
+    return Adapter(save=save, load=None, discard=lambda path: None, close=lambda: pool.shutdown())
 
 
 def torch_save(state: TrainState, workdir: Path, *, fsync: bool) -> Adapter:
