@@ -7,8 +7,8 @@ fixed batch, the same number of steps for every system, all in the same run:
 - ``torch_save``: ``torch.save`` + fsync of the model and optimizer state after every step;
 - ``dcp``: ``torch.distributed.checkpoint.async_save`` after every step (each waits for the
   previous one's future first, so saves never overlap and memory stays bounded);
-- ``ckpt_wait``: ``CheckpointSaverHook(save_steps=1)`` in a ``SingularMonitoredSession`` (each trigger
-  waits for the write in flight: the default);
+- ``ckpt_wait``: ``CheckpointSaverHook(save_steps=1)`` in a ``SingularMonitoredSession`` (each
+  trigger waits for the write in flight: the default);
 - ``ckpt_skip``: the same with ``if_busy="skip"``: a trigger that finds the writer busy is
   skipped and saved at the next free step (issue 14's continuous checkpointing).
 
