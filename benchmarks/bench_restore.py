@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_save import MB, _git, _import_package, build_state  # noqa: E402
+from bench_save import MB, _git, _import_package, build_state
 
 REPO = Path(__file__).resolve().parent.parent
 TARGET = 1.3
