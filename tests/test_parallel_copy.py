@@ -141,3 +141,17 @@ def test_a_large_copy_runs_on_the_pool_threads() -> None:
 
 def test_usable_cores_is_at_least_one() -> None:
     assert usable_cores() >= 1
+
+
+def test_sources_off_the_host_are_copied_on_the_calling_thread() -> None:
+    seen: list[str] = []
+
+    class Recording(torch.Tensor):
+        def copy_(self, src: torch.Tensor, non_blocking: bool = False) -> torch.Tensor:
+            seen.append(threading.current_thread().name)
+            return self
+
+    dsts = [torch.empty(1000).as_subclass(Recording) for _ in range(4)]
+    sources = [torch.empty(1000, device="meta") for _ in range(4)]
+    CopyPool(2, min_bytes=0, chunk_bytes=64).copy(list(zip(dsts, sources, strict=True)))
+    assert [threading.current_thread().name] * 4 == seen

@@ -166,7 +166,10 @@ class CopyPool:
             Exception: the first error a piece raised, once every other piece has finished.
         """
         total = sum(_nbytes(dst) for dst, _ in pairs)
-        if self.workers == 1 or total < self._min_bytes:
+        # Only host memory is copied from several threads: another backend's copies (MPS, XPU)
+        # may not be safe to issue concurrently, and they go through its own queue anyway.
+        host = all(src.device.type == "cpu" for _, src in pairs)
+        if self.workers == 1 or total < self._min_bytes or not host:
             for dst, src in pairs:
                 dst.copy_(src)
             return
