@@ -28,6 +28,7 @@ from ._retention import Entry, Retention, RetentionPolicy
 from ._session import PAYLOAD_KEYS
 from ._staging import StagingArea
 from ._state_file import STATE_FILENAME
+from ._stateful_capture import needs_coarse_guard
 from ._storage import CheckpointStorage, LocalStorage
 from ._validation import check_int, check_number, check_type, repr_with_type
 from ._writer import SaveHandle, start_write
@@ -242,7 +243,7 @@ class Saver:
         self._open_directory(directory, prefix)
         payload, fence = self._staging.stage(state)
         if fence.on_device:
-            session.protect_until_copied(fence, coarse=_on_device(state["extra_state"]))
+            session.protect_until_copied(fence, coarse=needs_coarse_guard(state["extra_state"]))
         job = _Job(path, directory, prefix, payload, fence, self._clock(), apply_retention)
         handle = start_write(path, functools.partial(self._commit, job))
         self._in_flight.add(handle)
