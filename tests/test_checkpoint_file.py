@@ -8,6 +8,7 @@ import pathlib
 import pickle
 import re
 import shlex
+import struct
 from typing import Any
 
 import pytest
@@ -589,3 +590,50 @@ def test_a_file_that_cannot_be_opened_or_read_is_an_oserror_and_unreadable_not_c
     assert CheckpointProblem("unreadable", "unreadable: Input/output error") == check_checkpoint(
         path
     )
+
+
+# -- one pass: the checksum runs beside torch.load (issue 14) ------------------------------------
+
+
+def _verify_threads() -> list[str]:
+    import threading
+
+    return [t.name for t in threading.enumerate() if t.name == "torch_ckpt_hook-verify"]
+
+
+def test_damage_that_torch_parses_is_still_corrupted_and_never_returned(tmp_path):
+    path = tmp_path / "model.ckpt-1"
+    payload = _payload()
+    payload["model"] = {"weight": torch.arange(4096, dtype=torch.float32)}
+    write_checkpoint(path, payload)
+    data = bytearray(path.read_bytes())
+    # A byte of the tensor's record: torch.load reads it without complaint.
+    at = data.find(struct.pack("<4f", 1000.0, 1001.0, 1002.0, 1003.0))
+    assert at > 0
+    data[at] ^= 0x40
+    path.write_bytes(data)
+    assert torch.load(path, weights_only=True)["model"]["weight"][1000] != 1000.0
+    with pytest.raises(CheckpointCorruptedError, match="checksum mismatch"):
+        load_checkpoint(path)
+    assert [] == _verify_threads()
+
+
+def test_damage_that_torch_cannot_parse_is_corrupted_not_unloadable(tmp_path):
+    path = tmp_path / "model.ckpt-1"
+    write_checkpoint(path, _payload())
+    data = bytearray(path.read_bytes())
+    pickle_at = data.find(b"data.pkl") + len(b"data.pkl")
+    for offset in range(pickle_at, pickle_at + 64):
+        data[offset] ^= 0xFF  # the pickle's opening bytes
+    path.write_bytes(data)
+    with pytest.raises(CheckpointCorruptedError, match="checksum mismatch") as info:
+        load_checkpoint(path)
+    assert not isinstance(info.value, CheckpointUnloadableError)
+    assert [] == _verify_threads()
+
+
+def test_a_verified_load_leaves_no_thread_behind(tmp_path):
+    path = tmp_path / "model.ckpt-1"
+    write_checkpoint(path, _payload())
+    assert 3 == load_checkpoint(path)["global_step"]
+    assert [] == _verify_threads()

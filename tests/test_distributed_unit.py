@@ -323,3 +323,46 @@ def test_the_agreement_carries_the_chiefs_save_and_any_ranks_stop(
     assert agreement.after_step(_Context(session), False)  # type: ignore[arg-type]
     hook.end(session)  # step 5 is saved: no other save
     assert listener.calls == ["before_save(5)", "after_save(5)"]
+
+
+def test_a_skipped_save_is_skipped_and_then_made_on_every_rank_together(
+    tmp_path: Path, model_and_optimizer: Any
+) -> None:
+    """if_busy='skip' under the agreement: a busy writer on any rank skips the save everywhere;
+    the chief owes it (proposes 1) and a non-chief, which owes nothing itself, follows."""
+    model, optimizer = model_and_optimizer
+    session = tch.Session(model, optimizer, global_step=5)
+    listener = Calls()
+    hook = tch.CheckpointSaverHook(
+        str(tmp_path), save_steps=1000, listeners=[listener], if_busy="skip"
+    )
+    hook.begin()
+    # This rank is rank 1. The chief's vectors: the hook count, then "save due, a rank busy",
+    # then "a skipped save owed, nobody busy".
+    group = Scripted([[1, -1], [0, 2, 1], [0, 1, 0]])
+    session.set_checkpoint_group(group)
+    agreement = StepAgreement(group, [hook])
+    assert not agreement.after_step(_Context(session), False)  # type: ignore[arg-type]
+    assert listener.calls == []
+    assert hook.skipped_saves == 1
+    assert not agreement.after_step(_Context(session), False)  # type: ignore[arg-type]
+    assert listener.calls == ["before_save(5)", "after_save(5)"]
+    assert hook.skipped_saves == 1
+
+
+def test_the_chief_proposes_the_save_it_owes_after_a_skip(
+    tmp_path: Path, model_and_optimizer: Any
+) -> None:
+    model, optimizer = model_and_optimizer
+    session = tch.Session(model, optimizer, global_step=5)
+    hook = tch.CheckpointSaverHook(str(tmp_path), save_steps=1, if_busy="skip")
+    hook.begin()
+    session.set_checkpoint_group(RankOf(0, 2))
+    hook.join_agreement()
+    context = _Context(session)
+    assert hook.proposal(context) == (2, 0)  # type: ignore[arg-type]
+    # Another rank was busy: skipped here too, and owed.
+    hook.after_agreement(context, 2, settled=False)  # type: ignore[arg-type]
+    assert hook.skipped_saves == 1
+    assert os.listdir(tmp_path) == []
+    assert hook.proposal(context) == (1, 0)  # type: ignore[arg-type]

@@ -6,9 +6,10 @@ hook's ``after_run``. Every rank contributes one vector of small integers to one
 
 - ``stop``: whether a stop was asked on this rank (a hook's ``request_stop()``,
   ``StopAtStepHook``, a signal through ``stop_on_signals``, ``coord.request_stop()``);
-- per checkpoint hook, ``save``: the chief's timer fired for this step (the other ranks send 0,
-  so a skewed clock on another rank never matters), and ``busy``: this rank's previous save of
-  that hook is still being written.
+- per checkpoint hook, ``save``: 2 when the chief's timer fired for this step, 1 when the chief
+  still owes the save of a trigger skipped with ``if_busy="skip"`` (the other ranks send 0, so a
+  skewed clock on another rank never matters), and ``busy``: this rank's previous save of that
+  hook is still being written.
 
 The result is the same on every rank: the hooks save together (``save``), look at finished
 saves only when no rank's is still being written (so a failure is raised at the same step
@@ -33,11 +34,12 @@ class AgreedSaves(Protocol):
         """From now on, save only when ``after_agreement`` says so."""
 
     def proposal(self, run_context: SessionRunContext) -> tuple[int, int]:
-        """``(save, busy)``: whether this rank's timer fires now, whether a save is in flight."""
+        """``(save, busy)``: 2 the timer fired, 1 a skipped save is owed, 0 neither; whether
+        a save of this rank is in flight."""
         ...
 
-    def after_agreement(self, run_context: SessionRunContext, save: bool, settled: bool) -> None:
-        """Save when ``save``; when ``settled`` no rank's save is still being written."""
+    def after_agreement(self, run_context: SessionRunContext, save: int, settled: bool) -> None:
+        """Save when ``save`` (as proposed); when ``settled`` no rank's save is being written."""
 
 
 class StepAgreement:
@@ -66,5 +68,5 @@ class StepAgreement:
         agreed = self._group.max_all(vector)
         for index, hook in enumerate(self._savers):
             save, busy = agreed[1 + 2 * index], agreed[2 + 2 * index]
-            hook.after_agreement(run_context, bool(save), not busy)
+            hook.after_agreement(run_context, save, not busy)
         return bool(agreed[0])

@@ -28,7 +28,13 @@ import torch
 from ._errors import CheckpointCorruptedError, CheckpointUnloadableError
 from ._fsutil import NotRegularFileError, atomic_write, open_regular_file
 from ._integrity import CheckpointProblem as CheckpointProblem  # re-exported: the verdict type
-from ._integrity import check_file, checksum_problem, save_with_checksum
+from ._integrity import (
+    PendingChecksum,
+    check_file,
+    checksum_problem,
+    save_with_checksum,
+    start_checksum,
+)
 from ._messages import error_line
 from ._paths import is_url, normalize
 from ._sharded_read import check_directory, is_sharded_checkpoint, load_directory
@@ -121,21 +127,42 @@ def load_checkpoint(
         raise ValueError(f"The passed save_path is not a valid checkpoint: {err}") from None
     with f:
         _check_map_location(map_location)
-        if verify:
-            _raise_for_checksum(path, f)
-        missing = _missing_device(map_location)
-        if missing is not None:
-            intact = " (the file itself is intact)" if verify else ""
-            raise CheckpointUnloadableError(
-                f"Checkpoint {path} cannot be loaded with map_location={map_location!r}{intact}: "
-                f"{missing}; pass map_location='cpu', or a device this machine has"
-            )
-        loaded = _read_payload(path, f, map_location, verified=verify)
+        # The CRC runs on a helper thread while torch.load reads the same open file: one pass
+        # over the page cache instead of two. Nothing of the file reaches the caller before its
+        # checksum held, and the thread is done before the file closes.
+        pending = _start_verify(path, f) if verify else None
+        try:
+            missing = _missing_device(map_location)
+            if missing is not None:
+                _finish_verify(path, pending)  # damage is reported as damage first
+                intact = " (the file itself is intact)" if verify else ""
+                raise CheckpointUnloadableError(
+                    f"Checkpoint {path} cannot be loaded with map_location={map_location!r}"
+                    f"{intact}: {missing}; pass map_location='cpu', or a device this machine has"
+                )
+            loaded = _read_payload(path, f, map_location, verified=verify, pending=pending)
+        finally:
+            if pending is not None:
+                pending.wait()
     return _as_payload(path, loaded)
 
 
-def _raise_for_checksum(path: str, f: io.BufferedReader) -> None:
-    problem = checksum_problem(f)
+def _start_verify(path: str, f: io.BufferedReader) -> PendingChecksum | None:
+    """The file's checksum, running; raises at once for what its trailer already shows."""
+    verdict = start_checksum(f)
+    if isinstance(verdict, PendingChecksum):
+        return verdict
+    _raise_for_problem(path, verdict)
+    return None
+
+
+def _finish_verify(path: str, pending: PendingChecksum | None) -> None:
+    """Wait for the checksum started by ``_start_verify``; raise for a problem it found."""
+    if pending is not None:
+        _raise_for_problem(path, pending.result())
+
+
+def _raise_for_problem(path: str, problem: CheckpointProblem | None) -> None:
     if problem is None:
         return
     if problem.kind == "corrupted":
@@ -198,14 +225,25 @@ def _missing_device(map_location: MAP_LOCATION) -> str | None:
 
 
 def _read_payload(
-    path: str, f: io.BufferedReader, map_location: MAP_LOCATION, *, verified: bool
+    path: str,
+    f: io.BufferedReader,
+    map_location: MAP_LOCATION,
+    *,
+    verified: bool,
+    pending: PendingChecksum | None = None,
 ) -> Any:
     # From the file opened and verified, not from the path again: the bytes loaded are the bytes
     # checked, and a FIFO swapped in under the name since cannot hang the load.
     f.seek(0)
     try:
-        return torch.load(f, map_location=map_location, weights_only=True)
+        loaded = torch.load(f, map_location=map_location, weights_only=True)
     except Exception as err:
+        # The checksum's verdict first: a damaged file is reported as damaged, whatever torch
+        # made of it.
+        try:
+            _finish_verify(path, pending)
+        except CheckpointCorruptedError as damaged:
+            raise damaged from err
         # RuntimeError and OSError from the zip reader, UnpicklingError from the weights_only
         # unpickler (refused globals, damaged pickles), EOFError, and others.
         refused = _refused_global(err)
@@ -248,6 +286,8 @@ def _read_payload(
             f"Checkpoint {path} is corrupted: torch.load cannot parse it: {reason} (its checksum "
             "was not checked: verify=False)"
         ) from err
+    _finish_verify(path, pending)  # a payload that failed its checksum is dropped, never returned
+    return loaded
 
 
 _REFUSED = (

@@ -25,6 +25,7 @@ from ._faults import Failures
 from ._fsspec_storage import require_fsspec
 from ._fsutil import same_path
 from ._hooks import SessionRunContext, SessionRunHook, SessionRunValues
+from ._if_busy import BusyPolicy, check_if_busy
 from ._listeners import CheckpointSaverListener
 from ._messages import os_error_reason
 from ._mirror import mirror_for_hook
@@ -103,7 +104,10 @@ class CheckpointSaverHook(SessionRunHook):
 
     It saves at session creation (unless the newest checkpoint already holds that step), whenever
     the timer fires for the new global step after a run, and in ``end()`` when the last step is
-    unsaved. With ``async_save`` the write happens in the background. A save that a listener with
+    unsaved. With ``async_save`` the write happens in the background. ``if_busy`` says what a
+    trigger does while the previous save is still being written: ``"wait"`` (the default) waits
+    for it; ``"skip"`` skips the trigger (counted in ``skipped_saves``) and saves after the next
+    step that finds the writer free (``_if_busy``). A save that a listener with
     ``run_after_commit = False`` (the default) takes part in is waited for in the hook call that
     made it, and ``after_save`` runs there, at the save step; with only ``run_after_commit``
     listeners, or none, training never waits for the disk and ``after_save`` runs at the first
@@ -128,6 +132,7 @@ class CheckpointSaverHook(SessionRunHook):
         async_save: bool = True,
         mirror_dir: str | None = None,
         mirror_max_to_keep: int | None = None,
+        if_busy: str = "wait",
     ) -> None:
         tf_logger.info("Create CheckpointSaverHook.")
         if saver is not None and scaffold is not None:
@@ -148,6 +153,7 @@ class CheckpointSaverHook(SessionRunHook):
         check_type("saver", saver, Saver, "a Saver", allow_none=True)
         check_type("scaffold", scaffold, Scaffold, "a Scaffold", allow_none=True)
         check_bool("async_save", async_save)
+        self._busy = BusyPolicy(check_if_busy(if_busy))
         # Checked here, under the user's names: the timer would name its own every_secs/steps.
         # 0 is accepted (TensorFlow): a save at every step that advanced.
         if save_secs is not None:
@@ -186,6 +192,11 @@ class CheckpointSaverHook(SessionRunHook):
     def save_path(self) -> str:
         """The prefix of this hook's checkpoints: ``os.path.join(checkpoint_dir, basename)``."""
         return self._save_path
+
+    @property
+    def skipped_saves(self) -> int:
+        """How many triggers ``if_busy="skip"`` skipped because a save was still being written."""
+        return self._busy.skipped
 
     # -- the hook protocol -------------------------------------------------------------------
 
@@ -249,8 +260,13 @@ class CheckpointSaverHook(SessionRunHook):
         # An earlier save's failure or a listener's error must not cost this step its save.
         self._poll(session, failures)
         global_step = session.global_step
-        if self._timer.should_trigger_for_step(global_step):
+        triggered = self._timer.should_trigger_for_step(global_step)
+        save_now = self._busy.should_save(triggered, self._writer_busy, global_step)
+        if triggered or save_now:
+            # A skipped trigger restarts the timer too: the next is timed from it, then from
+            # the deferred save, so a long write never turns every later step into a trigger.
             self._timer.update_last_triggered_step(global_step)
+        if save_now:
             self._save(session, global_step, may_stop=True, failures=failures)
             self._poll(session, failures)
         # A stop asked alongside an error is kept for the next after_run: the runner drops the
@@ -306,21 +322,35 @@ class CheckpointSaverHook(SessionRunHook):
         self._agreed = True
 
     def proposal(self, run_context: SessionRunContext) -> tuple[int, int]:
-        """``(save, busy)``: the chief's timer fires now; a save of this rank is in flight."""
+        """``(save, busy)``: 2 the chief's timer fires now, 1 the chief owes a skipped save (0
+        on other ranks); whether a save of this rank is in flight."""
         session = run_context.session
-        save = session.checkpoint_group.is_chief and self._timer.should_trigger_for_step(
-            session.global_step
-        )
-        return int(save), int(any(not pending.handle.done() for pending in self._pending))
+        save = 0
+        if session.checkpoint_group.is_chief:
+            if self._timer.should_trigger_for_step(session.global_step):
+                save = 2
+            elif self._busy.pending:
+                save = 1
+        return save, int(any(not pending.handle.done() for pending in self._pending))
 
-    def after_agreement(self, run_context: SessionRunContext, save: bool, settled: bool) -> None:
-        """Save when every rank agreed to; report finished saves once every rank's is."""
+    def after_agreement(self, run_context: SessionRunContext, save: int, settled: bool) -> None:
+        """Save when every rank agreed to; report finished saves once every rank's is.
+
+        With ``if_busy="skip"`` a save that finds any rank's writer busy is skipped on every
+        rank (the agreement's ``settled`` is the same everywhere) and owed by the chief.
+        """
         session = run_context.session
         failures = Failures()
         if settled:
             self._poll(session, failures)
-        if save:
-            step = session.global_step
+        step = session.global_step
+        if save == 2:
+            self._timer.update_last_triggered_step(step)
+        if save and self._busy.mode == "skip" and not settled:
+            # The same on every rank: the chief owes the save, the others follow its proposal.
+            self._busy.defer(step, triggered=save == 2)
+        elif save:
+            self._busy.settle()
             self._timer.update_last_triggered_step(step)
             self._save(session, step, may_stop=True, failures=failures)
             if not self._async_save or any(not ls.run_after_commit for ls in self._listeners):
@@ -395,6 +425,9 @@ class CheckpointSaverHook(SessionRunHook):
         if self._mirror is not None:
             self._mirror.submit(handle)
         return path
+
+    def _writer_busy(self) -> bool:
+        return self._get_saver().save_in_flight()
 
     def _get_saver(self) -> Saver:
         if self._saver is not None:

@@ -1,9 +1,10 @@
 """Copying tensors into staging buffers, and the fences that say when those copies are done.
 
 On the CPU a copy is a synchronous ``memcpy`` into a preallocated buffer, done when ``copy``
-returns. On CUDA the copies are enqueued, ``non_blocking``, on a side stream that first waits on
-an event recorded on the current stream (so they read the state after the step that was just
-enqueued), and a second event recorded after them is the fence:
+returns, spread over every core (``_parallel_copy``). On CUDA the copies are enqueued,
+``non_blocking``, on a side stream that first waits on an event recorded on the current stream
+(so they read the state after the step that was just enqueued), and a second event recorded
+after them is the fence:
 
 - the writer thread waits for it on the host (``wait_on_host``) before serializing;
 - the training thread never waits on the host: the next in-place update of a saved tensor is
@@ -20,6 +21,8 @@ from contextlib import AbstractContextManager
 from typing import Any, Protocol
 
 import torch
+
+from ._parallel_copy import CopyPool, shared_pool
 
 CopyPairs = Sequence[tuple[torch.Tensor, torch.Tensor]]  # (destination, source)
 
@@ -65,11 +68,18 @@ class FenceGroup:
 
 
 class HostCopyEngine:
-    """Copies from CPU tensors: a ``memcpy`` on the calling thread."""
+    """Copies from CPU tensors: a ``memcpy`` done before ``copy`` returns, on every core.
+
+    The pieces run on ``pool``'s threads (default: the process's shared pool, one thread per
+    usable core) while the calling thread waits (``_parallel_copy``); a pool of one worker
+    copies on the calling thread.
+    """
+
+    def __init__(self, pool: CopyPool | None = None) -> None:
+        self._pool = pool if pool is not None else shared_pool()
 
     def copy(self, pairs: CopyPairs) -> Fence:
-        for dst, src in pairs:
-            dst.copy_(src)
+        self._pool.copy(pairs)
         return DoneFence()
 
 

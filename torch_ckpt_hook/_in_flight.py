@@ -39,6 +39,10 @@ class InFlight:
         """The save still being written, if any."""
         return next((h for h in self._handles if not h.done()), None)
 
+    def busy(self) -> bool:
+        """Whether a save is still being written; never blocks."""
+        return self.being_written() is not None
+
     def wait_for_previous(self, next_name: str | None = None) -> None:
         """Wait for the save still being written; before the save of ``next_name``, with a warning.
 

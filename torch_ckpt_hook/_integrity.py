@@ -41,6 +41,7 @@ import os
 import re
 import threading
 import zlib
+from collections.abc import Callable
 from concurrent import futures
 from typing import Any, BinaryIO, Literal
 
@@ -54,7 +55,8 @@ _EOCD_SIZE = 22
 _TRAILER = re.compile(rb"torch_ckpt_hook crc32=([0-9a-f]{8}) size=([0-9a-f]{16})")
 _TRAILER_START = b"torch_ckpt_hook crc32="
 TRAILER_SIZE = len(b"torch_ckpt_hook crc32=00000000 size=0000000000000000")
-_CHUNK = 8 << 20
+# Verification reads through a buffer this small: it stays in the CPU cache while it is CRC'd.
+_CHUNK = 1 << 20
 
 
 # Writes at least this large are CRC'd on a helper thread while this thread writes them: both
@@ -266,6 +268,20 @@ def _corrupted(message: str) -> CheckpointProblem:
 
 
 def _check(f: io.BufferedReader, size: int) -> CheckpointProblem | None:
+    found = _structure(f, size)
+    if isinstance(found, CheckpointProblem):
+        return found
+    stored_crc, covered = found
+    f.seek(0)
+
+    def read_at(view: memoryview, offset: int) -> int:
+        return f.readinto(view)  # sequential: offset is where f already is
+
+    return _crc_problem(read_at, covered, stored_crc)
+
+
+def _structure(f: io.BufferedReader, size: int) -> CheckpointProblem | tuple[int, int]:
+    """The problem the file's trailer and end record show, or ``(stored crc, covered bytes)``."""
     f.seek(0)
     if f.read(len(_LEGACY_TORCH_MAGIC)) == _LEGACY_TORCH_MAGIC:
         # Whether its end is intact cannot be told: the format has no end record.
@@ -294,17 +310,86 @@ def _check(f: io.BufferedReader, size: int) -> CheckpointProblem | None:
     eocd = f.read(_EOCD_SIZE)
     if not eocd.startswith(_EOCD_SIGNATURE) or eocd[-2:] != TRAILER_SIZE.to_bytes(2, "little"):
         return _corrupted("damaged: the zip end-of-archive record before its trailer is not intact")
-    f.seek(0)
+    return stored_crc, covered
+
+
+def _crc_problem(
+    read_at: Callable[[memoryview, int], int], covered: int, stored_crc: int
+) -> CheckpointProblem | None:
+    """Whether the CRC of the first ``covered`` bytes, read by ``read_at(view, offset)``, holds.
+
+    Reads go through one small buffer that stays in the CPU cache while it is CRC'd.
+    """
     crc = 0
     buffer = bytearray(_CHUNK)
     view = memoryview(buffer)
-    remaining = covered
-    while remaining:
-        n = f.readinto(view[: min(remaining, _CHUNK)])
+    offset = 0
+    while offset < covered:
+        n = read_at(view[: min(covered - offset, _CHUNK)], offset)
         if not n:
-            return _corrupted(f"truncated: the file ended {remaining} bytes early while being read")
+            return _corrupted(
+                f"truncated: the file ended {covered - offset} bytes early while being read"
+            )
         crc = zlib.crc32(view[:n], crc)
-        remaining -= n
+        offset += n
     if crc != stored_crc:
         return _corrupted(f"checksum mismatch: stored crc32 {stored_crc:08x}, computed {crc:08x}")
     return None
+
+
+class PendingChecksum:
+    """The whole-file CRC of an open checkpoint, computed on a helper thread.
+
+    It reads with positional reads (``os.preadv``) from the same open file, so the thread never
+    moves the file's position and the caller may read the file (``torch.load`` it) meanwhile:
+    the bytes checked are those of the file that was opened, whatever its name points to since.
+    """
+
+    def __init__(self, fd: int, covered: int, stored_crc: int) -> None:
+        self._outcome: CheckpointProblem | OSError | None = None
+
+        def read_at(view: memoryview, offset: int) -> int:
+            return os.preadv(fd, [view], offset)
+
+        def run() -> None:
+            try:
+                self._outcome = _crc_problem(read_at, covered, stored_crc)
+            except OSError as err:
+                self._outcome = err
+
+        self._thread = threading.Thread(target=run, name="torch_ckpt_hook-verify", daemon=True)
+        self._thread.start()
+
+    def wait(self) -> None:
+        """Wait for the thread, whatever it found: the file must not be closed under it."""
+        self._thread.join()
+
+    def result(self) -> CheckpointProblem | None:
+        """The problem found, or None when the CRC holds; waits for the thread.
+
+        Raises:
+            OSError: a read failed (the file is unreadable, which says nothing of its bytes).
+        """
+        self._thread.join()
+        if isinstance(self._outcome, OSError):
+            raise self._outcome
+        return self._outcome
+
+
+def start_checksum(f: io.BufferedReader) -> CheckpointProblem | PendingChecksum | None:
+    """``checksum_problem(f)``, with the CRC itself left running on a thread where it can be.
+
+    Returns a problem the trailer or end record already shows; else a ``PendingChecksum``
+    (where positional reads exist), or the finished verdict (None: intact) where they do not.
+
+    Raises:
+        OSError: a read failed.
+    """
+    size = os.fstat(f.fileno()).st_size
+    if not hasattr(os, "preadv"):
+        return _check(f, size)
+    found = _structure(f, size)
+    if isinstance(found, CheckpointProblem):
+        return found
+    stored_crc, covered = found
+    return PendingChecksum(f.fileno(), covered, stored_crc)

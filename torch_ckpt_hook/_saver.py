@@ -17,8 +17,6 @@ import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Literal, overload
 
-import torch
-
 from ._checkpoint_dir import checkpoint_name, step_of
 from ._dist_save import SHARDED_KEYS, commit_everywhere, gather_payload
 from ._fsspec_storage import FsspecStorage
@@ -33,6 +31,7 @@ from ._sharded_read import fit_to_session, is_sharded_checkpoint
 from ._sharded_storage import ShardedStorage, read_sharded
 from ._staging import StagingArea
 from ._state_file import STATE_FILENAME
+from ._stateful_capture import needs_coarse_guard
 from ._storage import CheckpointStorage
 from ._storage_for import DefaultStorage, storage_for
 from ._validation import check_int, check_number, check_type, repr_with_type
@@ -44,17 +43,6 @@ if TYPE_CHECKING:
     from ._session import Session
 
 logger = logging.getLogger(__name__)
-
-
-def _on_device(obj: Any) -> bool:
-    """Whether ``obj`` (a nested state dict) holds a tensor that is not on the CPU."""
-    if isinstance(obj, torch.Tensor):
-        return obj.device.type != "cpu"
-    if isinstance(obj, dict):
-        return any(_on_device(v) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return any(_on_device(v) for v in obj)
-    return False
 
 
 # Keys the payload has or may have (SPEC.md sections 4 and 5.2): never set by ``extra_payload``.
@@ -272,7 +260,7 @@ class Saver:
         self._open_directory(directory, prefix)
         payload, fence = self._staging.stage(state)
         if fence.on_device:
-            session.protect_until_copied(fence, coarse=_on_device(state["extra_state"]))
+            session.protect_until_copied(fence, coarse=needs_coarse_guard(state["extra_state"]))
         job = _Job(path, directory, prefix, payload, fence, self._clock(), apply_retention)
         handle = start_write(path, functools.partial(self._commit, job))
         self._in_flight.add(handle)
@@ -307,6 +295,10 @@ class Saver:
             shards = BlockingAsyncStager().stage(parts)
         rest = {k: v for k, v in (payload or {}).items() if not (sharded and k in SHARDED_KEYS)}
         staged, fence = self._staging.stage(rest)
+        if fence.on_device:
+            # As for a one-process save: the next in-place update of a staged tensor waits on
+            # the device for its copy.
+            session.protect_until_copied(fence, coarse=needs_coarse_guard(state["extra_state"]))
         job = _Job(
             path,
             directory,
@@ -321,6 +313,10 @@ class Saver:
         handle = start_write(path, functools.partial(self._commit, job))
         self._in_flight.add(handle)
         return handle
+
+    def save_in_flight(self) -> bool:
+        """Whether a save is still being written (a save started now would wait); never blocks."""
+        return self._in_flight.busy()
 
     def wait_for_previous_save(self, next_name: str | None = None) -> None:
         """Wait for the save still being written, if any (before saving ``next_name``).

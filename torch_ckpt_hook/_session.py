@@ -18,6 +18,7 @@ from ._rank_state import rank_entry, rng_to_restore
 from ._rng import get_rng_state, set_rng_state
 from ._sharded_dir import SHARDED_KEY
 from ._sharded_state import get_sharded_state, is_sharded, set_sharded_state
+from ._stateful_capture import capture_state, loadable_state
 from ._validation import check_int
 
 if TYPE_CHECKING:
@@ -280,7 +281,7 @@ class Session:
             "model": model_state,
             "optimizer": optimizer_state,
             "extra_state": {
-                name: dict(obj) if _is_plain(obj) else obj.state_dict()
+                name: dict(obj) if _is_plain(obj) else capture_state(obj)
                 for name, obj in self._extra_state.items()
             },
             "rng": get_rng_state(),
@@ -334,7 +335,7 @@ class Session:
                         continue
                     previous = copy.deepcopy(obj.state_dict())
                     undo.append(functools.partial(obj.load_state_dict, previous))
-                    obj.load_state_dict(saved_states[name])
+                    obj.load_state_dict(loadable_state(obj, saved_states[name]))
             if sharded:
                 set_sharded_state(
                     self._model, self._optimizers, model_state, state_dict["optimizer"]

@@ -1,0 +1,377 @@
+"""Checkpointing every step of a real training loop: throughput, checkpoints committed, their age.
+
+One process, one model (an MLP of about ``--model-mb`` MB of float32 parameters, AdamW), one
+fixed batch, the same number of steps for every system, all in the same run:
+
+- ``none``: no checkpoints (the reference throughput);
+- ``torch_save``: ``torch.save`` + fsync of the model and optimizer state after every step;
+- ``dcp``: ``torch.distributed.checkpoint.async_save`` after every step (each waits for the
+  previous one's future first, so saves never overlap and memory stays bounded);
+- ``ckpt_wait``: ``CheckpointSaverHook(save_steps=1)`` in a ``SingularMonitoredSession`` (each
+  trigger waits for the write in flight: the default);
+- ``ckpt_skip``: the same with ``if_busy="skip"``: a trigger that finds the writer busy is
+  skipped and saved at the next free step (issue 14's continuous checkpointing).
+
+They run in the order none, skip, torch.save, DCP, wait (the target's pair back to back), and
+``--repeats`` times over; the table gives medians. Reported per system: steps/s and its ratio
+to ``none``; checkpoints committed during the loop (the final save of ``end()`` not counted);
+the age of the newest committed checkpoint, in steps, sampled after every step (median and max)
+and at the end of the loop, before the final save.
+``torch.set_num_threads(--threads)`` (default 1) is the step's setting, as in the issue; the
+package's copy threads and the writer use the other cores.
+
+Run from the repository root::
+
+    python benchmarks/bench_continuous.py
+    python benchmarks/bench_continuous.py --steps 200 --model-mb 16 --repeats 3
+
+Results go to ``benchmarks/results/<date>-<time>-continuous-<commit>.{md,json}``. Nothing here
+asserts anything about time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import importlib
+import json
+import logging
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+MB = 1 << 20
+TARGET_THROUGHPUT = 0.95
+
+
+def _package() -> Any:
+    try:
+        return importlib.import_module("torch_ckpt_hook")
+    except ImportError:
+        sys.path.insert(0, str(REPO))
+        return importlib.import_module("torch_ckpt_hook")
+
+
+def build(
+    model_mb: float, width: int, batch: int
+) -> tuple[torch.nn.Module, Any, Callable[[], Any]]:
+    """An MLP of about ``model_mb`` MB of parameters, AdamW, and its training step."""
+    torch.manual_seed(0)
+    layers = max(1, round(model_mb * MB / ((width * width + width) * 4)))
+    blocks: list[torch.nn.Module] = []
+    for _ in range(layers):
+        blocks += [torch.nn.Linear(width, width), torch.nn.GELU()]
+    model = torch.nn.Sequential(*blocks)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x = torch.randn(batch, width)
+    target = torch.randn(batch, width)
+
+    def step() -> dict[str, torch.Tensor]:
+        loss = torch.nn.functional.mse_loss(model(x), target)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return {"loss": loss.detach()}
+
+    return model, optimizer, step
+
+
+class Ages:
+    """The step of the newest committed checkpoint, sampled after every step."""
+
+    def __init__(self) -> None:
+        self.samples: list[int] = []
+        self.committed = 0
+
+    def sample(self, step: int, newest: int | None) -> None:
+        self.samples.append(step - (newest if newest is not None else -1))
+
+    def summary(self) -> dict[str, Any]:
+        s = self.samples
+        return {
+            "committed": self.committed,
+            "age_median_steps": statistics.median(s) if s else None,
+            "age_max_steps": max(s) if s else None,
+            "age_at_end_steps": s[-1] if s else None,
+        }
+
+
+def run_none(step: Callable[[], Any], steps: int, workdir: Path) -> dict[str, Any]:
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return {"seconds": time.perf_counter() - start}
+
+
+def run_torch_save(
+    model: torch.nn.Module, optimizer: Any, step: Callable[[], Any], steps: int, workdir: Path
+) -> dict[str, Any]:
+    ages = Ages()
+    newest: int | None = None
+    start = time.perf_counter()
+    for i in range(1, steps + 1):
+        step()
+        path = workdir / f"model-{i}.pt"
+        with open(path, "wb") as f:
+            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        if newest is not None:
+            os.remove(workdir / f"model-{newest}.pt")
+        newest = i
+        ages.committed += 1
+        ages.sample(i, newest)
+    return {"seconds": time.perf_counter() - start, **ages.summary()}
+
+
+def run_dcp(
+    model: torch.nn.Module, optimizer: Any, step: Callable[[], Any], steps: int, workdir: Path
+) -> dict[str, Any]:
+    import torch.distributed.checkpoint as dcp
+
+    ages = Ages()
+    future: Any = None
+    in_flight: int | None = None
+    newest: int | None = None
+    start = time.perf_counter()
+    for i in range(1, steps + 1):
+        step()
+        if future is not None:
+            future.result()  # one save at a time (each call starts its own executor)
+            if newest is not None:
+                shutil.rmtree(workdir / f"step-{newest}", ignore_errors=True)
+            newest = in_flight
+            ages.committed += 1
+        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
+        future = dcp.async_save(state, checkpoint_id=str(workdir / f"step-{i}"), no_dist=True)
+        in_flight = i
+        ages.sample(i, newest)
+    seconds = time.perf_counter() - start
+    future.result()
+    return {"seconds": seconds, **ages.summary()}
+
+
+def run_ckpt_hook(
+    model: torch.nn.Module,
+    optimizer: Any,
+    step: Callable[[], Any],
+    steps: int,
+    workdir: Path,
+    if_busy: str,
+) -> dict[str, Any]:
+    tch = _package()
+    ages = Ages()
+    newest: list[int | None] = [None]
+
+    class Committed(tch.CheckpointSaverListener):
+        run_after_commit = True  # file-only: the save stays asynchronous
+
+        def after_save(self, session: Any, global_step_value: int) -> None:
+            newest[0] = global_step_value
+            if global_step_value > 0:  # not the creation save
+                ages.committed += 1
+
+    hook = tch.CheckpointSaverHook(
+        str(workdir),
+        save_steps=1,
+        saver=tch.Saver(max_to_keep=2),
+        listeners=[Committed()],
+        if_busy=if_busy,
+    )
+    with tch.SingularMonitoredSession(model, optimizer, hooks=[hook]) as sess:
+        start = time.perf_counter()
+        for _ in range(steps):
+            sess.run(step)
+            ages.sample(sess.raw_session().global_step, newest[0])
+        seconds = time.perf_counter() - start
+        skipped = hook.skipped_saves
+    return {"seconds": seconds, "skipped": skipped, **ages.summary()}
+
+
+SYSTEMS = ("none", "torch_save", "dcp", "ckpt_wait", "ckpt_skip")
+# The order they run in: the target's pair back to back, so that load from other processes,
+# which drifts over minutes on a shared machine, weighs on both alike.
+RUN_ORDER = ("none", "ckpt_skip", "torch_save", "dcp", "ckpt_wait")
+
+
+def measure(system: str, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    model, optimizer, step = build(args.model_mb, args.width, args.batch)
+    for _ in range(args.warmup):
+        step()
+    sysdir = workdir / system
+    sysdir.mkdir()
+    load_before = os.getloadavg()[0]
+    try:
+        if system == "none":
+            result = run_none(step, args.steps, sysdir)
+        elif system == "torch_save":
+            result = run_torch_save(model, optimizer, step, args.steps, sysdir)
+        elif system == "dcp":
+            result = run_dcp(model, optimizer, step, args.steps, sysdir)
+        else:
+            if_busy = "skip" if system == "ckpt_skip" else "wait"
+            result = run_ckpt_hook(model, optimizer, step, args.steps, sysdir, if_busy)
+    finally:
+        shutil.rmtree(sysdir, ignore_errors=True)
+        gc.collect()
+        os.sync()
+    result["steps_per_s"] = args.steps / result["seconds"]
+    result["load_average_1min"] = [load_before, os.getloadavg()[0]]
+    return result
+
+
+def _git(*argv: str) -> str:
+    try:
+        return subprocess.run(
+            ["git", *argv], cwd=REPO, capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+LABELS = {
+    "none": "no checkpoints",
+    "torch_save": "torch.save + fsync every step",
+    "dcp": "DCP async_save every step",
+    "ckpt_wait": "CheckpointSaverHook(save_steps=1) (if_busy='wait')",
+    "ckpt_skip": "CheckpointSaverHook(save_steps=1, if_busy='skip')",
+}
+
+
+def markdown(info: dict[str, Any], runs: list[dict[str, dict[str, Any]]]) -> str:
+    def med(system: str, key: str) -> float | None:
+        values = [r[system][key] for r in runs if r.get(system, {}).get(key) is not None]
+        return statistics.median(values) if values else None
+
+    lines = [
+        f"# Continuous checkpointing — commit {info['commit']}",
+        "",
+        f"- date: {info['date']}; machine: {info['cpu_count']} cores, python {info['python']}, "
+        f"torch {info['torch']} ({info['threads']} thread(s) for the step)",
+        f"- model: MLP of {info['model_mb']:.1f} MB of parameters ({info['payload_mb']:.0f} MB "
+        f"with AdamW state), batch {info['batch']}, width {info['width']}",
+        f"- {info['steps']} steps per system after {info['warmup']} warm-up steps; medians of "
+        f"{len(runs)} run(s); load average (1 min) before/after: {info['load']}",
+        "",
+        "| system | steps/s | throughput vs none | checkpoints committed | skipped triggers "
+        "| age of newest (median / max / at end, steps) |",
+        "|---|---|---|---|---|---|",
+    ]
+    base = med("none", "steps_per_s")
+    for system in SYSTEMS:
+        rate = med(system, "steps_per_s")
+        if rate is None:
+            continue
+        ratio = f"{rate / base:.3f}x" if base else "—"
+        committed = med(system, "committed")
+        skipped = med(system, "skipped")
+        ages = [med(system, k) for k in ("age_median_steps", "age_max_steps", "age_at_end_steps")]
+        shown_ages = " / ".join("—" if a is None else f"{a:g}" for a in ages)
+        lines.append(
+            f"| {LABELS[system]} | {rate:.2f} | {ratio} | "
+            f"{'—' if committed is None else f'{committed:g}'} | "
+            f"{'—' if skipped is None else f'{skipped:g}'} | {shown_ages} |"
+        )
+    skip = med("ckpt_skip", "steps_per_s")
+    if skip and base:
+        verdict = "pass" if skip / base >= TARGET_THROUGHPUT else "FAIL"
+        lines += [
+            "",
+            f"Target (issue 14): if_busy='skip' throughput >= {TARGET_THROUGHPUT}x of no "
+            f"checkpoints: {skip / base:.3f}x, {verdict}.",
+        ]
+    lines += [
+        "",
+        "Age: global step minus the step of the newest checkpoint committed so far, after each "
+        "step (for torch.save the step's own, 0; for DCP the previous one once its future "
+        "returned). The checkpoints of `end()` and of session creation are not counted.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model-mb", type=float, default=16.0)
+    parser.add_argument("--width", type=int, default=1024)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=1, help="runs of every system; medians")
+    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads for the step")
+    parser.add_argument("--systems", default=",".join(SYSTEMS))
+    parser.add_argument("--dir", type=Path, help="where checkpoints go (default: a temp dir)")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    args = parser.parse_args(argv)
+    chosen = {s for s in args.systems.split(",") if s}
+    unknown = sorted(chosen - set(SYSTEMS))
+    if unknown:
+        parser.error(f"--systems: unknown {unknown}; choose from {list(SYSTEMS)}")
+    chosen.add("none")  # every ratio is against it
+    args.system_list = [s for s in RUN_ORDER if s in chosen]
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+    # if_busy='wait' at save_steps=1 warns at every step that the interval is shorter than a
+    # save: true, and the point of the comparison, but not worth a line per step.
+    logging.getLogger("torch_ckpt_hook").setLevel(logging.ERROR)
+    torch.set_num_threads(args.threads)
+    workdir = Path(tempfile.mkdtemp(prefix="bench_continuous_", dir=args.dir))
+    model, optimizer, _ = build(args.model_mb, args.width, args.batch)
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    del model, optimizer
+    load_start = os.getloadavg()[0]
+    runs: list[dict[str, dict[str, Any]]] = []
+    try:
+        for _ in range(args.repeats):
+            run: dict[str, dict[str, Any]] = {}
+            for system in args.system_list:
+                print(f"{LABELS[system]} ...", file=sys.stderr, flush=True)
+                run[system] = measure(system, args, workdir)
+                print(f"    {run[system]}", file=sys.stderr, flush=True)
+            runs.append(run)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    commit = _git("rev-parse", "--short", "HEAD")
+    info = {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "commit": commit,
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "threads": args.threads,
+        "model_mb": param_bytes / MB,
+        "payload_mb": 3 * param_bytes / MB,
+        "batch": args.batch,
+        "width": args.width,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "load": f"{load_start:.1f} → {os.getloadavg()[0]:.1f}",
+    }
+    text = markdown(info, runs)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = f"{datetime.datetime.now():%Y-%m-%d-%H%M%S}-continuous-{commit}"
+    (args.out / f"{stem}.md").write_text(text)
+    (args.out / f"{stem}.json").write_text(json.dumps({"info": info, "runs": runs}, indent=1))
+    print(text)
+    print(f"wrote {args.out / stem}.md, .json", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
