@@ -249,16 +249,9 @@ class SafeLoadPlanner(DefaultLoadPlanner):
             self.state_dict[fqn] = loaded
 
 
-class SafeEmptyLoadPlanner(_EmptyStateDictLoadPlanner):
-    """DCP's planner that builds the state dict from the metadata, loading values safely."""
-
-    def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
-        fqn = read_item.dest_index.fqn
-        loaded = _load_bytes(fqn, value)
-        if self.flatten_state_dict:
-            set_element(self.original_state_dict, self.mappings[fqn], loaded)
-        else:
-            self.state_dict[fqn] = loaded
+class SafeEmptyLoadPlanner(_EmptyStateDictLoadPlanner, SafeLoadPlanner):
+    """DCP's planner that builds the state dict from the metadata, loading values safely
+    (``SafeLoadPlanner.load_bytes``: ``_EmptyStateDictLoadPlanner`` does not override it)."""
 
 
 def load_full_state(

@@ -184,19 +184,22 @@ def MonitoredTrainingSession(
     wants_checkpoints = _positive(save_secs, "save_checkpoint_secs") or _positive(
         save_steps, "save_checkpoint_steps", integer=True
     )
+
+    def checkpoint_hook(directory: str, mirror: str | None) -> CheckpointSaverHook:
+        return CheckpointSaverHook(
+            directory,
+            save_secs=save_secs,
+            save_steps=save_steps,
+            scaffold=scaffold,
+            async_save=async_save,
+            mirror_dir=mirror,
+        )
+
     if not chief and checkpoint_dir is not None and wants_checkpoints and _distributed():
         # Not a default hook: the chief's checkpoint hook's other half. Every rank takes part
         # in every save (per-rank state, shards) and stops with the others; it writes no
         # replicated file and no state file (the saver leaves those to the chief).
-        all_hooks.append(
-            CheckpointSaverHook(
-                checkpoint_dir,
-                save_secs=save_secs,
-                save_steps=save_steps,
-                scaffold=scaffold,
-                async_save=async_save,
-            )
-        )
+        all_hooks.append(checkpoint_hook(checkpoint_dir, None))
     if chief:
         all_hooks.extend(_check_hooks(chief_only_hooks, "chief_only_hooks"))
         if summary_dir is not None and _positive(
@@ -208,16 +211,7 @@ def MonitoredTrainingSession(
         if checkpoint_dir is not None and not wants_checkpoints:
             _warn_no_checkpoints(save_secs, save_steps)
         if checkpoint_dir is not None and wants_checkpoints:
-            all_hooks.append(
-                CheckpointSaverHook(
-                    checkpoint_dir,
-                    save_secs=save_secs,
-                    save_steps=save_steps,
-                    scaffold=scaffold,
-                    async_save=async_save,
-                    mirror_dir=mirror_dir,
-                )
-            )
+            all_hooks.append(checkpoint_hook(checkpoint_dir, mirror_dir))
     all_hooks.extend(user_hooks)
     return MonitoredSession(
         model,
