@@ -73,7 +73,18 @@ class DownFS(_OwnMemory):
         raise ConnectionError("mirror endpoint unreachable")
 
 
-for _fs in (GatedFS, DownFS):
+class DeadFS(DownFS):
+    """Fails every read and listing as well: a mirror whose endpoint is gone."""
+
+    protocol: ClassVar[str] = "tchdead"
+
+    def _dead(self, *args: Any, **kwargs: Any) -> Any:
+        raise ConnectionError("mirror endpoint unreachable")
+
+    ls = info = cat_file = _open = exists = find = _dead
+
+
+for _fs in (GatedFS, DownFS, DeadFS):
     fsspec.register_implementation(_fs.protocol, _fs, clobber=True)
 
 
@@ -415,3 +426,36 @@ def test_a_failed_local_save_is_not_mirrored(tmp_path: pathlib.Path, mem_mirror:
     assert tch.latest_checkpoint(mem_mirror) is None
     with pytest.raises(tch.CheckpointSaveError, match="Input/output error"):
         saver.wait_until_finished()
+
+
+def test_an_unreadable_mirror_restores_the_local_tier_with_a_warning(
+    tmp_path: pathlib.Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    local = tmp_path / "run"
+    _train(local, "tchdown://m", 2)
+    model, opt = _model()
+    hook = tch.CheckpointSaverHook(str(local), save_steps=1, mirror_dir="tchdead://m")
+    with (
+        caplog.at_level(logging.WARNING),
+        tch.MonitoredSession(model, opt, hooks=[hook], checkpoint_dir=str(local)) as sess,
+    ):
+        assert f"{local}/model.ckpt-2" == sess.restored_from
+        assert 2 == sess.global_step
+    assert "The mirror tchdead://m cannot be read (ConnectionError: mirror endpoint" in caplog.text
+    assert "the mirror may hold a newer checkpoint" in caplog.text
+
+
+def test_an_unreadable_mirror_and_an_empty_local_tier_refuse_to_start_over(
+    tmp_path: pathlib.Path,
+) -> None:
+    model, opt = _model()
+    before = [p.detach().clone() for p in model.parameters()]
+    hook = tch.CheckpointSaverHook(str(tmp_path / "run"), save_steps=1, mirror_dir="tchdead://m")
+    with pytest.raises(
+        tch.CheckpointError,
+        match=r"Cannot tell whether the mirror tchdead://m holds checkpoints to restore: "
+        r"ConnectionError: mirror endpoint unreachable\. .* holds none, so a session started now "
+        r"could train from step 0 over the run on the mirror\.",
+    ):
+        tch.MonitoredSession(model, opt, hooks=[hook], checkpoint_dir=str(tmp_path / "run"))
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))

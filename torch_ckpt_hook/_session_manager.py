@@ -18,6 +18,7 @@ from ._checkpoint_dir import RestoreChoice, choose_restore, restore_candidates
 from ._checkpoint_file import CheckpointProblem, check_checkpoint
 from ._errors import CheckpointCorruptedError, CheckpointError, CheckpointUnloadableError
 from ._fsutil import file_type
+from ._messages import error_line
 from ._mirror_policy import merge_newest_first
 from ._paths import is_url
 from ._scaffold import Scaffold
@@ -60,7 +61,29 @@ def _candidates(checkpoint_dir: str, mirror_dir: str | None) -> list[str]:
         return restore_candidates(directory)
 
     local = of(checkpoint_dir)
-    return local if mirror_dir is None else merge_newest_first(local, of(mirror_dir))
+    if mirror_dir is None:
+        return local
+    try:
+        mirrored = of(mirror_dir)
+    except Exception as err:  # fsspec's and its back ends' errors are not all OSErrors
+        if not local:
+            # Nothing here, and the mirror may hold the run: never start over what may be there.
+            raise CheckpointError(
+                f"Cannot tell whether the mirror {mirror_dir} holds checkpoints to restore: "
+                f"{error_line(err)}. {checkpoint_dir} holds none, so a session started now "
+                "could train from step 0 over the run on the mirror. Make the mirror reachable "
+                "(its endpoint, credentials, network), or create the session without "
+                "mirror_dir to start a new run."
+            ) from err
+        logger.warning(
+            "The mirror %s cannot be read (%s): restoring from %s alone; the mirror may hold a "
+            "newer checkpoint.",
+            mirror_dir,
+            error_line(err),
+            checkpoint_dir,
+        )
+        return local
+    return merge_newest_first(local, mirrored)
 
 
 def _restore_from(
