@@ -366,3 +366,24 @@ def test_the_chief_proposes_the_save_it_owes_after_a_skip(
     assert hook.skipped_saves == 1
     assert os.listdir(tmp_path) == []
     assert hook.proposal(context) == (1, 0)  # type: ignore[arg-type]
+
+
+def test_only_the_chief_mirrors_a_save(tmp_path: Path, model_and_optimizer: Any) -> None:
+    """A non-chief's hook with a mirror takes part in the save but copies nothing: the chief
+    wrote the file, and the chief's mirror copies it."""
+    model, optimizer = model_and_optimizer
+    session = tch.Session(model, optimizer, global_step=5)
+    mirror = f"memory://only-the-chief-{os.getpid()}"
+    hook = tch.CheckpointSaverHook(
+        str(tmp_path), save_steps=1000, listeners=[Calls()], mirror_dir=mirror
+    )
+    hook.begin()
+    group = Scripted([[1, -1], [0, 2, 0], [1, 0, 0]])
+    session.set_checkpoint_group(group)
+    agreement = StepAgreement(group, [hook])
+    assert not agreement.after_step(_Context(session), False)  # type: ignore[arg-type]
+    assert agreement.after_step(_Context(session), False)  # type: ignore[arg-type]
+    hook.end(session)
+    # No copy attempted: no mirror status file beside the (empty) local directory, nothing there.
+    assert os.listdir(tmp_path) == []
+    assert tch.latest_checkpoint(mirror) is None

@@ -422,7 +422,7 @@ class CheckpointSaverHook(SessionRunHook):
         handle = self._start_save(session, step, apply_retention=False)
         path = handle.result(saver.drain_timeout_secs)
         self._committed_step = step
-        if self._mirror is not None:
+        if self._mirror is not None and session.checkpoint_group.is_chief:
             self._mirror.submit(handle)
         return path
 
@@ -469,8 +469,9 @@ class CheckpointSaverHook(SessionRunHook):
             failures.add(err)
             return
         self._pending.append(_PendingSave(handle, step, may_stop, ready))
-        if self._mirror is not None:
-            self._mirror.submit(handle)  # copied once it commits, on the mirror's thread
+        if self._mirror is not None and session.checkpoint_group.is_chief:
+            # Copied once it commits, on the mirror's thread; by the chief alone, which wrote it.
+            self._mirror.submit(handle)
         if not self._async_save:
             handle.wait()  # the _poll after this save reports it, failed or not
         elif any(not listener.run_after_commit for listener in ready):
