@@ -43,7 +43,7 @@ from ._checkpoint_dir import CHECKPOINT_NAME
 from ._checkpoint_file import CheckpointProblem, check_checkpoint, load_checkpoint
 from ._integrity import _TRAILER_START, TRAILER_SIZE, save_with_checksum
 from ._paths import basename, inside, is_url, join, protocol
-from ._state_file import STATE_FILE_LIMIT, STATE_FILENAME, CheckpointState
+from ._state_file import STATE_FILE_LIMIT, STATE_FILENAME, CheckpointState, existing_entries
 from ._storage import CheckpointStorage
 from ._text_format import format_checkpoint_state, parse_checkpoint_state
 
@@ -278,24 +278,12 @@ class FsspecStorage(CheckpointStorage):
             return p if is_url(p) else join(directory, basename(p))
 
         present = {basename(p) for _, p in self.find(directory)}
-        all_paths = [resolve(p) for p in paths]
-        kept = tuple(
-            p
-            for p in all_paths
-            if (basename(p) in present if inside(p, directory) else self.exists(p))
-        )
-        model = resolve(model)
-        if model not in kept:
-            if not kept:
-                return None
-            logger.warning(
-                "Checkpoint state file %s: model_checkpoint_path %s does not exist; using %s.",
-                state_url,
-                model,
-                kept[-1],
-            )
-            model = kept[-1]
-        return CheckpointState(model_checkpoint_path=model, all_model_checkpoint_paths=kept)
+
+        def exists(p: str) -> bool:
+            # One listing for the directory's own entries; others are asked one by one.
+            return basename(p) in present if inside(p, directory) else self.exists(p)
+
+        return existing_entries(resolve(model), [resolve(p) for p in paths], exists, state_url)
 
     def find(self, directory: str) -> list[tuple[int, str]]:
         # Every object is complete (an upload publishes whole or not at all): no archive check.

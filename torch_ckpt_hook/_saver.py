@@ -354,7 +354,8 @@ class Saver:
             storage = self._storage
             if is_url(save_path) and not isinstance(storage, (DefaultStorage, FsspecStorage)):
                 storage = storage_for(save_path)
-            # A sharded checkpoint's optimizer state is keyed by parameter name: into ids here.
+            # A file exported from a sharded checkpoint keys its optimizer state by parameter
+            # name (``torch-ckpt export``): into this session's parameter ids here.
             payload = fit_to_session(storage.read(save_path), session)
         session.load_state_dict(payload, restored_from=abspath(save_path))
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from ._fsutil import atomic_write, read_small_file, same_path
 from ._paths import is_url, normalize
@@ -161,16 +161,26 @@ def get_checkpoint_state(
             return local
         return p
 
-    model = resolve(model)
-    all_paths = [resolve(p) for p in paths]
     # exists, not isfile: a checkpoint may be a directory (torch.distributed.checkpoint).
-    missing = [p for p in all_paths if not os.path.exists(p)]
-    if not os.path.exists(model) and model not in missing:
+    return existing_entries(resolve(model), [resolve(p) for p in paths], os.path.exists, state_path)
+
+
+def existing_entries(
+    model: str, all_paths: Sequence[str], exists: Callable[[str], bool], state_name: str
+) -> CheckpointState | None:
+    """A state file's entries (already resolved) less the checkpoints that do not exist.
+
+    The one policy of every state file reader (local files, object stores): missing entries are
+    dropped with a warning naming them; a missing ``model_checkpoint_path`` gives way to the
+    newest remaining entry; with none left there is no usable state (None).
+    """
+    missing = [p for p in all_paths if not exists(p)]
+    if model not in missing and not exists(model):
         missing.append(model)
     if missing:
         logger.warning(
             "Checkpoint state file %s lists checkpoints that do not exist; they are ignored: %s",
-            state_path,
+            state_name,
             ", ".join(missing),
         )
     kept = tuple(p for p in all_paths if p not in missing)
@@ -179,7 +189,7 @@ def get_checkpoint_state(
             return None
         logger.warning(
             "Checkpoint state file %s: model_checkpoint_path %s does not exist; using %s instead.",
-            state_path,
+            state_name,
             model,
             kept[-1],
         )
