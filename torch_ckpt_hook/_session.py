@@ -105,6 +105,14 @@ def check_optimizers(optimizer: object) -> list[torch.optim.Optimizer]:
     return list(optimizer)
 
 
+def _states(objects: Mapping[str, Any]) -> dict[str, Any]:
+    """The saved form of ``extra_state`` or ``rank_state`` objects: a plain dict's items, or
+    ``state_dict()`` (a GradScaler's without a host sync, ``_stateful_capture``)."""
+    return {
+        name: dict(obj) if _is_plain(obj) else capture_state(obj) for name, obj in objects.items()
+    }
+
+
 def _restore_plain(target: dict[Any, Any], values: Mapping[Any, Any]) -> None:
     """Restore a plain-values entry in place: the user's reference sees the restored values."""
     target.clear()
@@ -227,10 +235,7 @@ class Session:
         """This rank's ``rank_state`` entry, or None when the session has no such objects."""
         if not self._rank_state:
             return None
-        return {
-            name: dict(obj) if _is_plain(obj) else obj.state_dict()
-            for name, obj in self._rank_state.items()
-        }
+        return _states(self._rank_state)
 
     @property
     def restored_from(self) -> str | None:
@@ -280,10 +285,7 @@ class Session:
             "global_step": self._global_step,
             "model": model_state,
             "optimizer": optimizer_state,
-            "extra_state": {
-                name: dict(obj) if _is_plain(obj) else capture_state(obj)
-                for name, obj in self._extra_state.items()
-            },
+            "extra_state": _states(self._extra_state),
             "rng": get_rng_state(),
         }
         rank_state = self.local_rank_state()
