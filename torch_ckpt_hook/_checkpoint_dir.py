@@ -27,7 +27,7 @@ from ._checkpoint_file import CheckpointProblem, check_checkpoint
 from ._fsutil import is_temp_file, path_key, read_small_file
 from ._integrity import ProblemKind
 from ._paths import is_url, normalize
-from ._sharded_dir import MANIFEST_NAME
+from ._sharded_dir import MANIFEST_NAME, has_manifest
 from ._state_file import STATE_FILENAME, get_checkpoint_state, state_file_path
 from ._text_format import parse_checkpoint_state
 
@@ -128,9 +128,9 @@ def find_checkpoints(checkpoint_dir: str | os.PathLike[str]) -> list[tuple[int, 
         try:
             if entry.is_dir():
                 # A sharded checkpoint counts once its manifest, written last, is there.
-                manifest = os.path.join(entry.path, MANIFEST_NAME)
-                if os.path.isfile(manifest):
-                    found.append((int(m["step"]), os.stat(manifest).st_mtime, entry.path))
+                if has_manifest(entry.path):
+                    mtime = os.stat(os.path.join(entry.path, MANIFEST_NAME)).st_mtime
+                    found.append((int(m["step"]), mtime, entry.path))
                 continue
             if not entry.is_file():
                 continue

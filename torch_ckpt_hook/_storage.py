@@ -34,7 +34,7 @@ from ._checkpoint_dir import find_checkpoints
 from ._checkpoint_file import CheckpointProblem, check_checkpoint, load_checkpoint, write_checkpoint
 from ._fsutil import atomic_write, remove_stray_temp_files
 from ._ownership import why_not_deletable
-from ._sharded_dir import MANIFEST_NAME, delete_sharded_dir
+from ._sharded_dir import MANIFEST_NAME, delete_sharded_dir, has_manifest
 from ._state_file import CheckpointState, get_checkpoint_state, update_checkpoint_state
 
 if TYPE_CHECKING:
@@ -148,10 +148,9 @@ class LocalStorage(CheckpointStorage):
         return load_checkpoint(path, map_location)
 
     def saved_time(self, path: str) -> float:
-        manifest = os.path.join(path, MANIFEST_NAME)
-        if os.path.isdir(path) and os.path.isfile(manifest):
+        if has_manifest(path):
             # A sharded checkpoint was saved when its manifest, written last, was.
-            return os.path.getmtime(manifest)
+            return os.path.getmtime(os.path.join(path, MANIFEST_NAME))
         return os.path.getmtime(path)
 
     def exists(self, path: str) -> bool:
