@@ -34,7 +34,7 @@ from ._agreement import StepAgreement
 from ._best_hook import BestCheckpointSaverHook
 from ._checkpoint_hook import CheckpointSaverHook
 from ._coordinator import Coordinator
-from ._distributed import CheckpointGroup, SingleProcessGroup, open_checkpoint_group
+from ._distributed import open_checkpoint_group
 from ._errors import NanLossDuringTrainingError
 from ._faults import _add_note
 from ._fetches import check_fetches, merge_feeds, resolve_fetches
@@ -195,8 +195,8 @@ class _MonitoredSession:
         self._signals = SignalStopper(check_signals(stop_on_signals), self._coord.request_stop)
         self._stop_requested = False
         self._session = Session(model, optimizer, extra_state=extra_state, rank_state=rank_state)
-        # The package's own process group (several ranks) and the per-step agreement over it.
-        self._group: CheckpointGroup = SingleProcessGroup()
+        # The per-step agreement over the package's own process group (several ranks; the
+        # session holds the group).
         self._agreement: StepAgreement | None = None
         self._restored_from: str | None = None
         # Whether the current run() call entered an optimizer step (or, with no optimizer, the
@@ -225,10 +225,10 @@ class _MonitoredSession:
 
     def _open_group(self) -> None:
         """With ``torch.distributed`` running several ranks: our group, and the agreement."""
-        self._group = open_checkpoint_group()
-        self._session.set_checkpoint_group(self._group)
-        if self._group.distributed:
-            self._agreement = StepAgreement(self._group, self._hooks)
+        group = open_checkpoint_group()
+        self._session.set_checkpoint_group(group)
+        if group.distributed:
+            self._agreement = StepAgreement(group, self._hooks)
 
     def _watch_optimizer_steps(self) -> None:
         if not self._checkpoint_on_error:
@@ -367,13 +367,14 @@ class _MonitoredSession:
         hook = self._error_saver
         if not self._checkpoint_on_error or hook is None or not isinstance(err, Exception):
             return
-        if self._group.distributed:
+        group = self._session.checkpoint_group
+        if group.distributed:
             # A save takes every rank; the others do not know this one failed.
             logger.warning(
                 "checkpoint_on_error: not saving after %s: with %d ranks a save needs every "
                 "rank, and only this one failed.",
                 type(err).__name__,
-                self._group.world_size,
+                group.world_size,
             )
             return
         step = self._session.global_step
@@ -483,7 +484,7 @@ class _MonitoredSession:
                 handle.remove()
             self._step_hooks = []
             self._session.close()
-            self._group.close()
+            self._session.checkpoint_group.close()
 
     def __enter__(self: _SelfT) -> _SelfT:
         self._check_open("entering a with block")
