@@ -258,12 +258,10 @@ class Saver:
         self._in_flight.wait_for_previous(path)
         prefix = None if global_step is None else os.path.basename(os.fspath(save_path))
         self._open_directory(directory, prefix)
-        payload, fence = self._staging.stage(state)
-        if fence.on_device:
-            session.protect_until_copied(fence, coarse=needs_coarse_guard(state["extra_state"]))
-        job = _Job(path, directory, prefix, payload, fence, self._clock(), apply_retention)
-        handle = start_write(path, functools.partial(self._commit, job))
-        self._in_flight.add(handle)
+        payload, fence = self._stage(session, state, state["extra_state"])
+        handle = self._start(
+            _Job(path, directory, prefix, payload, fence, self._clock(), apply_retention)
+        )
         return handle.result() if blocking else handle
 
     def _save_everywhere(
@@ -294,23 +292,37 @@ class Saver:
             parts = {key: state[key] for key in SHARDED_KEYS if state[key] is not None}
             shards = BlockingAsyncStager().stage(parts)
         rest = {k: v for k, v in (payload or {}).items() if not (sharded and k in SHARDED_KEYS)}
-        staged, fence = self._staging.stage(rest)
-        if fence.on_device:
-            # As for a one-process save: the next in-place update of a staged tensor waits on
-            # the device for its copy.
-            session.protect_until_copied(fence, coarse=needs_coarse_guard(state["extra_state"]))
-        job = _Job(
-            path,
-            directory,
-            prefix,
-            {**staged, **shards},
-            fence,
-            self._clock(),
-            apply_retention,
-            group=group,
-            sharded=sharded,
+        staged, fence = self._stage(session, rest, state["extra_state"])
+        return self._start(
+            _Job(
+                path,
+                directory,
+                prefix,
+                {**staged, **shards},
+                fence,
+                self._clock(),
+                apply_retention,
+                group=group,
+                sharded=sharded,
+            )
         )
-        handle = start_write(path, functools.partial(self._commit, job))
+
+    def _stage(
+        self, session: Session, state: Any, extra_state: Mapping[str, Any]
+    ) -> tuple[Any, Fence]:
+        """Stage ``state`` into the reused buffers; on a device, guard the staged tensors.
+
+        The next in-place update of a staged tensor then waits, on the device, for its copy
+        (coarsely when ``extra_state`` holds device tensors the guard cannot see).
+        """
+        payload, fence = self._staging.stage(state)
+        if fence.on_device:
+            session.protect_until_copied(fence, coarse=needs_coarse_guard(extra_state))
+        return payload, fence
+
+    def _start(self, job: _Job) -> SaveHandle:
+        """Hand ``job`` to a writer thread; it is the save in flight from now on."""
+        handle = start_write(job.path, functools.partial(self._commit, job))
         self._in_flight.add(handle)
         return handle
 
