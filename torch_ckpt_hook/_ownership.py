@@ -20,14 +20,9 @@ import re
 import stat
 
 from ._integrity import has_trailer
+from ._paths import inside
 from ._sharded_dir import ManifestError, read_manifest, unlisted_entries
 from ._state_file import STATE_FILENAME
-
-
-def inside(path: str, directory: str) -> bool:
-    """Whether ``path`` lies directly in ``directory`` (links in either resolved)."""
-    parent = os.path.dirname(os.path.abspath(path))
-    return os.path.realpath(parent) == os.path.realpath(directory)
 
 
 def why_not_deletable(path: str, directory: str, prefix: str | None) -> str | None:

@@ -67,11 +67,9 @@ def abspath(path: str) -> str:
 
 
 def inside(path: str, directory: str) -> bool:
-    """Whether ``path`` lies directly in ``directory`` (``_ownership.inside`` for paths)."""
+    """Whether ``path`` lies directly in ``directory``: for local paths with links in either
+    resolved, for URLs by name."""
     if not is_url(path) and not is_url(directory):
-        from ._ownership import (
-            inside as inside_local,
-        )  # it imports the state file, which imports this
-
-        return inside_local(path, directory)
+        parent = os.path.dirname(os.path.abspath(path))
+        return os.path.realpath(parent) == os.path.realpath(directory)
     return is_url(path) and is_url(directory) and dirname(path) == directory.rstrip("/")
