@@ -10,13 +10,16 @@ fixed batch, the same number of steps for every system, all in the same run:
 - ``ckpt_wait``: ``CheckpointSaverHook(save_steps=1)`` in a ``SingularMonitoredSession`` (each
   trigger waits for the write in flight: the default);
 - ``ckpt_skip``: the same with ``if_busy="skip"``: a trigger that finds the writer busy is
-  skipped and saved at the next free step (issue 14's continuous checkpointing).
+  skipped and saved at the next free step (issue 14's continuous checkpointing);
+- ``copy_floor``: the loop copying its state into reused buffers on every core at exactly the
+  steps the ``ckpt_skip`` run of the same repeat saved at, writing nothing: staging alone at
+  that rate, the bound for any checkpoint that commits as often.
 
-They run in the order none, skip, torch.save, DCP, wait (the target's pair back to back), and
-``--repeats`` times over; the table gives medians. Reported per system: steps/s and its ratio
-to ``none``; checkpoints committed during the loop (the final save of ``end()`` not counted);
-the age of the newest committed checkpoint, in steps, sampled after every step (median and max)
-and at the end of the loop, before the final save.
+They run in the order none, skip, copy floor, torch.save, DCP, wait (the target's pair back
+to back), and ``--repeats`` times over; the table gives medians. Reported per system: steps/s
+and its ratio to ``none``; checkpoints committed during the loop (the final save of ``end()``
+not counted); the age of the newest committed checkpoint, in steps, sampled after every step
+(median and max) and at the end of the loop, before the final save.
 ``torch.set_num_threads(--threads)`` (default 1) is the step's setting, as in the issue; the
 package's copy threads and the writer use the other cores.
 
@@ -32,6 +35,7 @@ asserts anything about time.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import datetime
 import gc
 import importlib
@@ -191,23 +195,75 @@ def run_ckpt_hook(
         listeners=[Committed()],
         if_busy=if_busy,
     )
+    saved_at: list[int] = []  # the loop's steps (0-based) whose trigger staged a save
     with tch.SingularMonitoredSession(model, optimizer, hooks=[hook]) as sess:
         start = time.perf_counter()
-        for _ in range(steps):
+        for i in range(steps):
+            before = hook.skipped_saves
             sess.run(step)
+            if hook.skipped_saves == before:  # save_steps=1: every step triggers, saves or skips
+                saved_at.append(i)
             ages.sample(sess.raw_session().global_step, newest[0])
         seconds = time.perf_counter() - start
         skipped = hook.skipped_saves
-    return {"seconds": seconds, "skipped": skipped, **ages.summary()}
+    return {"seconds": seconds, "skipped": skipped, "saved_at": saved_at, **ages.summary()}
 
 
-SYSTEMS = ("none", "torch_save", "dcp", "ckpt_wait", "ckpt_skip")
+def run_copy_floor(
+    model: torch.nn.Module,
+    optimizer: Any,
+    step: Callable[[], Any],
+    steps: int,
+    saved_at: list[int],
+) -> dict[str, Any]:
+    """The loop copying its state into reused buffers at the steps the 'skip' run saved at.
+
+    A plain copy of the same tensors on every core, as bench_save's copy floor, and nothing
+    written: what staging alone costs at that rate, the bound of any checkpoint that commits
+    as often.
+    """
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
+    tensors = [t for t in _tensors(state)]
+    buffers = [torch.empty_like(t) for t in tensors]
+    workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
+    pieces: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for dst, src in zip(buffers, tensors, strict=True):
+        if dst.numel() * dst.element_size() < 4 * MB or workers == 1:
+            pieces.append((dst.view(-1), src.reshape(-1)))
+            continue
+        pieces += zip(dst.view(-1).chunk(workers), src.reshape(-1).chunk(workers), strict=True)
+    at = set(saved_at)
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        list(pool.map(lambda p: p[0].copy_(p[1]), pieces))  # first touch, as a saver's warm-up
+        start = time.perf_counter()
+        for i in range(steps):
+            step()
+            if i in at:
+                list(pool.map(lambda p: p[0].copy_(p[1]), pieces))
+        seconds = time.perf_counter() - start
+    return {"seconds": seconds, "copies": len(at)}
+
+
+def _tensors(obj: Any) -> list[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        return [obj.detach()]
+    if isinstance(obj, dict):
+        return [t for value in obj.values() for t in _tensors(value)]
+    if isinstance(obj, (list, tuple)):
+        return [t for value in obj for t in _tensors(value)]
+    return []
+
+
+SYSTEMS = ("none", "copy_floor", "torch_save", "dcp", "ckpt_wait", "ckpt_skip")
 # The order they run in: the target's pair back to back, so that load from other processes,
-# which drifts over minutes on a shared machine, weighs on both alike.
-RUN_ORDER = ("none", "ckpt_skip", "torch_save", "dcp", "ckpt_wait")
+# which drifts over minutes on a shared machine, weighs on both alike; the copy floor right
+# after the 'skip' run whose save steps it repeats.
+RUN_ORDER = ("none", "ckpt_skip", "copy_floor", "torch_save", "dcp", "ckpt_wait")
 
 
-def measure(system: str, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+def measure(
+    system: str, args: argparse.Namespace, workdir: Path, saved_at: list[int] | None = None
+) -> dict[str, Any]:
     model, optimizer, step = build(args.model_mb, args.width, args.batch)
     for _ in range(args.warmup):
         step()
@@ -221,6 +277,10 @@ def measure(system: str, args: argparse.Namespace, workdir: Path) -> dict[str, A
             result = run_torch_save(model, optimizer, step, args.steps, sysdir)
         elif system == "dcp":
             result = run_dcp(model, optimizer, step, args.steps, sysdir)
+        elif system == "copy_floor":
+            # Without a 'skip' run to follow: a copy every third step.
+            at = saved_at if saved_at is not None else list(range(0, args.steps, 3))
+            result = run_copy_floor(model, optimizer, step, args.steps, at)
         else:
             if_busy = "skip" if system == "ckpt_skip" else "wait"
             result = run_ckpt_hook(model, optimizer, step, args.steps, sysdir, if_busy)
@@ -248,6 +308,7 @@ LABELS = {
     "dcp": "DCP async_save every step",
     "ckpt_wait": "CheckpointSaverHook(save_steps=1) (if_busy='wait')",
     "ckpt_skip": "CheckpointSaverHook(save_steps=1, if_busy='skip')",
+    "copy_floor": "copy floor: the state copied at the 'skip' run's save steps, nothing written",
 }
 
 
@@ -276,7 +337,7 @@ def markdown(info: dict[str, Any], runs: list[dict[str, dict[str, Any]]]) -> str
         if rate is None:
             continue
         ratio = f"{rate / base:.3f}x" if base else "—"
-        committed = med(system, "committed")
+        committed = med(system, "committed") or med(system, "copies")
         skipped = med(system, "skipped")
         ages = [med(system, k) for k in ("age_median_steps", "age_max_steps", "age_at_end_steps")]
         shown_ages = " / ".join("—" if a is None else f"{a:g}" for a in ages)
@@ -286,6 +347,7 @@ def markdown(info: dict[str, Any], runs: list[dict[str, dict[str, Any]]]) -> str
             f"{'—' if skipped is None else f'{skipped:g}'} | {shown_ages} |"
         )
     skip = med("ckpt_skip", "steps_per_s")
+    floor = med("copy_floor", "steps_per_s")
     if skip and base:
         verdict = "pass" if skip / base >= TARGET_THROUGHPUT else "FAIL"
         lines += [
@@ -293,6 +355,12 @@ def markdown(info: dict[str, Any], runs: list[dict[str, dict[str, Any]]]) -> str
             f"Target (issue 14): if_busy='skip' throughput >= {TARGET_THROUGHPUT}x of no "
             f"checkpoints: {skip / base:.3f}x, {verdict}.",
         ]
+        if floor:
+            lines.append(
+                f"The copy floor at the same save steps (staging alone, nothing written): "
+                f"{floor / base:.3f}x of no checkpoints; 'skip' reaches {skip / floor:.3f}x of "
+                "it, the rest being the writer's share of the machine while the loop runs."
+            )
     lines += [
         "",
         "Age: global step minus the step of the newest checkpoint committed so far, after each "
@@ -342,7 +410,8 @@ def main(argv: list[str] | None = None) -> int:
             run: dict[str, dict[str, Any]] = {}
             for system in args.system_list:
                 print(f"{LABELS[system]} ...", file=sys.stderr, flush=True)
-                run[system] = measure(system, args, workdir)
+                saved_at = run.get("ckpt_skip", {}).get("saved_at")
+                run[system] = measure(system, args, workdir, saved_at)
                 print(f"    {run[system]}", file=sys.stderr, flush=True)
             runs.append(run)
     finally:

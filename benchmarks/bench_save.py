@@ -38,6 +38,7 @@ import gc
 import hashlib
 import importlib
 import json
+import logging
 import math
 import os
 import platform
@@ -449,15 +450,20 @@ def _import_package() -> Any:
         return importlib.import_module("torch_ckpt_hook")
 
 
-def ckpt_hook(state: TrainState, workdir: Path) -> Adapter:
+def ckpt_hook(state: TrainState, workdir: Path, *, max_to_keep: int | None = None) -> Adapter:
     """This package: ``Saver.save(session, prefix, global_step=step, blocking=False)``.
 
-    One Saver for all repeats (a training loop keeps one), ``max_to_keep=1`` so retention
-    deletes the previous file as part of each save.
+    One Saver for all repeats (a training loop keeps one). With the default ``max_to_keep=None``
+    the saver deletes nothing and the harness removes each file after it was checked, outside
+    the timing, as for every other system; with ``max_to_keep=1`` retention deletes the previous
+    file inside each save (the "with retention" row: on a file system mounted with ``discard``
+    the unlink of a large file alone takes a good part of a second).
     """
     package = _import_package()
+    # The harness deletes files this saver listed: its notes about them are expected.
+    logging.getLogger("torch_ckpt_hook").setLevel(logging.ERROR)
     session = package.Session(state.model, state.optimizer)
-    saver = package.Saver(max_to_keep=1)
+    saver = package.Saver(max_to_keep=max_to_keep)
     prefix = str(workdir / "model.ckpt")
 
     def save(step: int) -> Pending:
@@ -472,7 +478,8 @@ def ckpt_hook(state: TrainState, workdir: Path) -> Adapter:
         saver.wait_until_finished()
         session.close()
 
-    return Adapter(save=save, load=load, discard=lambda path: None, close=close)
+    discard = _remove if max_to_keep is None else (lambda path: None)
+    return Adapter(save=save, load=load, discard=discard, close=close)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -499,6 +506,8 @@ SYSTEMS = [
            lambda s, d: torch_save(s, d, fsync=True)),
     System("dcp", "DCP async_save (default)", "data+metadata, no dir", True, 1.3, dcp_async_save),
     System("ckpt_hook", "torch_ckpt_hook Saver", "yes (file+dir)", True, 2.2, ckpt_hook),
+    System("ckpt_hook_retention", "torch_ckpt_hook Saver, max_to_keep=1", "yes (file+dir)", True,
+           2.2, lambda s, d: ckpt_hook(s, d, max_to_keep=1)),
     # Last: at 2 GB it needs the most memory (clone + BytesIO of the whole file).
     System("lightning", "Lightning AsyncCheckpointIO", "no", True, 2.4, lightning_async),
 ]  # fmt: skip
@@ -564,6 +573,8 @@ class Samples:
     gpu_save_step_ms: list[float] = dataclasses.field(default_factory=list)
     # The copy floor timed right before each of this package's quiet saves (same load).
     paired_floor: list[float] = dataclasses.field(default_factory=list)
+    # Write+fsync of the same bytes timed right before each of them (same disk weather).
+    paired_disk: list[float] = dataclasses.field(default_factory=list)
 
 
 def quiet_save(
@@ -660,6 +671,14 @@ def _time_floor(floor: Adapter) -> float:
     return time.perf_counter() - start
 
 
+def _time_disk_floor(floor: Adapter, step: int) -> float:
+    start = time.perf_counter()
+    path = floor.save(step).wait()
+    took = time.perf_counter() - start
+    floor.discard(path)
+    return took
+
+
 def measure_system(
     system: System,
     state: TrainState,
@@ -687,9 +706,13 @@ def measure_system(
     # against the copy floor timed just before each of its saves, when memory allows. Its
     # buffers are touched before the baseline RSS, so they do not count as the system's.
     floor = None
-    if system.key == "ckpt_hook" and need + state.payload_bytes < available - GB:
+    ours = system.key.startswith("ckpt_hook")
+    if ours and need + state.payload_bytes < available - GB:
         floor = memcpy_floor(state, sysdir)
         _time_floor(floor)
+    # Likewise its durable time against a write+fsync of the same bytes timed just before each
+    # save: on a shared virtual disk the throughput drifts by 2x within a minute.
+    disk_floor = raw_write(state, sysdir, crc=False) if ours else None
     load_before = os.getloadavg()[0]
     base_rss = _status_bytes("VmRSS")
     peak = PeakRss()
@@ -710,6 +733,9 @@ def measure_system(
             settle(device)
             if floor is not None:
                 out.paired_floor.append(_time_floor(floor))
+            if disk_floor is not None:
+                out.paired_disk.append(_time_disk_floor(disk_floor, step))
+                settle(device)
             quiet_save(adapter, state, step, peak, base_rss, out)
         if system.asynchronous:
             for _ in range(repeats):
@@ -742,6 +768,10 @@ def measure_system(
         "paired_floor_s": median(out.paired_floor),
         "block_vs_paired_floor": median(
             [b / f for b, f in zip(out.block, out.paired_floor, strict=False) if f]
+        ),
+        "paired_disk_s": median(out.paired_disk),
+        "durable_vs_paired_disk": median(
+            [d / f for d, f in zip(out.durable, out.paired_disk, strict=False) if f]
         ),
     }
     if out.done_at_return:
@@ -877,7 +907,9 @@ def ratios(size: dict[str, Any], key: str) -> dict[str, float | None]:
         "block_vs_torch_save_fsync": _ratio(
             get(key, "block_s"), get("torch_save_fsync", "block_s")
         ),
-        "durable_vs_raw": _ratio(get(key, "durable_s"), get("raw", "durable_s")),
+        # Paired likewise with the write+fsync timed right before each save where measured.
+        "durable_vs_raw": get(key, "durable_vs_paired_disk")
+        or _ratio(get(key, "durable_s"), get("raw", "durable_s")),
         "block_vs_torch_save": _ratio(get(key, "block_s"), get("torch_save", "block_s")),
         "block_vs_dcp": _ratio(get(key, "block_s"), get("dcp", "block_s")),
         "durable_vs_torch_save_fsync": _ratio(
@@ -909,7 +941,10 @@ def markdown(info: dict[str, Any], sizes: list[dict[str, Any]], repeats: int) ->
         "of the same tensors into reused buffers on every core; for torch_ckpt_hook the median "
         "of each save over the floor timed just before it), vs `torch.save`, "
         "vs `torch.save`+fsync and vs DCP; durable vs `torch.save`+fsync and vs write+fsync of "
-        "the same bytes (this run).",
+        "the same bytes (for torch_ckpt_hook the median of each save over a write+fsync timed "
+        "just before it). torch_ckpt_hook's main row keeps every file (`max_to_keep=None`) and "
+        "the harness deletes each one outside the timing, as for every other system; the "
+        "`max_to_keep=1` row deletes the previous file inside each save.",
         "",
     ]
     for size in sizes:
@@ -1018,8 +1053,25 @@ def target_lines(size: dict[str, Any], info: dict[str, Any]) -> list[str]:
         ("slowdown while writing <= 1.10x", row["slowdown"], TARGETS["slowdown"]),
         ("extra peak memory <= 1.2x payload", row["extra_peak_ratio"], TARGETS["extra_peak"]),
     ]
+    # What the copy floor itself (no checkpoint at all, just the bytes copied) scores on the
+    # block targets stated against other systems: no staging can go below it.
+    floor_row = size["systems"].get("memcpy", {})
+    bounds = {
+        "block_vs_dcp": _ratio(
+            floor_row.get("block_s"), size["systems"].get("dcp", {}).get("block_s")
+        ),
+        "block_vs_torch_save": _ratio(
+            floor_row.get("block_s"), size["systems"].get("torch_save", {}).get("block_s")
+        ),
+    }
+    bound_of = {
+        "block <= 0.33x DCP async_save": bounds["block_vs_dcp"],
+        "block <= 0.10x torch.save": bounds["block_vs_torch_save"],
+    }
     for name, value, limit in checks:
-        lines.append(f"| {name} | {_x(value, 3)} | {_mark(value, limit)} |")
+        bound = bound_of.get(name)
+        note = "" if bound is None else f" (the copy floor alone: {_x(bound, 3)})"
+        lines.append(f"| {name} | {_x(value, 3)}{note} | {_mark(value, limit)} |")
     consistent = row["consistent"]
     shown = {None: "—", True: "yes", False: "no"}[consistent]
     lines.append(f"| consistent | {shown} | {'pass' if consistent else 'FAIL'} |")
