@@ -31,6 +31,8 @@ try:
 except ImportError:  # Windows
     fcntl = None  # type: ignore[assignment]
 
+from ._writeback import EarlyWriteback, Sink
+
 logger = logging.getLogger(__name__)
 
 TEMP_INFIX = ".tmp-"
@@ -79,10 +81,12 @@ def fsync_dir(directory: str | os.PathLike[str]) -> None:
         os.close(fd)
 
 
-def atomic_write(path: str | os.PathLike[str], write: Callable[[BinaryIO], object]) -> None:
+def atomic_write(path: str | os.PathLike[str], write: Callable[[Sink], object]) -> None:
     """Write ``path`` through ``write(f)`` so that it is never seen partly written.
 
     ``write``'s return value is ignored (so ``f.write`` itself can be the writer's last call).
+    ``f`` is written sequentially; the disk starts on a large file while it is still being
+    written (``_writeback``).
 
     The bytes go to a temporary file in the same directory (a rename is atomic only within one
     file system), which is flushed, fsynced and renamed onto ``path``; the directory is then
@@ -93,7 +97,7 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[BinaryIO], objec
     path = os.fspath(path)
     directory = os.path.dirname(path)
     with _owned_temp_file(path) as (tmp_path, f):
-        write(f)
+        write(EarlyWriteback(f))
         f.flush()
         os.fsync(f.fileno())
         # Renamed while still locked: the cleanup never sees this name unlocked while it is ours.

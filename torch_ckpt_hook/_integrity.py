@@ -43,12 +43,13 @@ import threading
 import zlib
 from collections.abc import Callable
 from concurrent import futures
-from typing import Any, BinaryIO, Literal
+from typing import Any, Literal
 
 import torch
 
 from ._fsutil import NotRegularFileError, open_regular_file
 from ._messages import os_error_reason
+from ._writeback import Sink
 
 _EOCD_SIGNATURE = b"PK\x05\x06"
 _EOCD_SIZE = 22
@@ -74,7 +75,7 @@ class ChecksumWriter:
 
     def __init__(
         self,
-        file: BinaryIO,
+        file: Sink,
         crc_pool: futures.Executor | None = None,
         *,
         overlap_min: int = OVERLAP_MIN,
@@ -157,7 +158,7 @@ def _skip_torch_record_crcs() -> None:
         torch.serialization.get_crc32_options = get_crc32_options
 
 
-def save_with_checksum(obj: Any, file: BinaryIO, *, overlap_min: int = OVERLAP_MIN) -> None:
+def save_with_checksum(obj: Any, file: Sink, *, overlap_min: int = OVERLAP_MIN) -> None:
     """``torch.save(obj, file)`` followed by the checksum trailer.
 
     Args:
