@@ -12,9 +12,12 @@ at the end then waits for less, and the dirty pages of a checkpoint stay bounded
 the same for its checkpoints (``checkpoint_flush_after``). The request is
 ``posix_fadvise(POSIX_FADV_DONTNEED)``, the standard library's way to what Linux's
 ``sync_file_range(SYNC_FILE_RANGE_WRITE)`` does: on Linux it starts writeback of the range's
-dirty pages and drops only pages that are already clean, which pages just written are not.
-Where the call is missing (macOS, Windows) or refused, nothing is asked and the fsync does it
-all, as before: the request is advice, and durability still comes from the fsync alone.
+dirty pages and drops from the page cache only those of its pages that are already clean. Pages
+just written are dirty, so they stay; on a disk fast enough to finish a range's writeback
+before the call returns, some may go, and a reader right after the save (the mirror's copy)
+reads them from the disk again. Where the call is missing (macOS, Windows) or refused, nothing
+is asked and the fsync does it all, as before: the request is advice, and durability still
+comes from the fsync alone.
 """
 
 from __future__ import annotations

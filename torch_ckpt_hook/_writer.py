@@ -76,11 +76,8 @@ class SaveHandle:
         raise CheckpointSaveError(f"Saving {self.path} failed: {error_line(error)}") from error
 
 
-# How much nicer than training the writer thread runs: all the way (19, the lowest priority).
-# Measured (bench_save's loaded save, 192 MB, the step on both cores): the step ran 1.42x slower
-# while the write was in flight at +10, 1.15x at +19, and the write was not slower (its time is
-# mostly the disk's). Whenever the loop waits for the writer, its cores are free for it.
-WRITER_NICENESS = 19
+# How much nicer than training the writer thread runs (0 to 19; 10 is `nice`'s default).
+WRITER_NICENESS = 10
 
 
 def _lower_this_threads_priority() -> None:
