@@ -578,10 +578,22 @@ class Samples:
 
 
 def quiet_save(
-    adapter: Adapter, state: TrainState, step: int, peak: PeakRss, base_rss: int, out: Samples
+    adapter: Adapter,
+    state: TrainState,
+    step: int,
+    peak: PeakRss,
+    base_rss: int,
+    out: Samples,
+    floor: Adapter | None = None,
 ) -> None:
-    """One save with nothing else running: block, durable, consistency, peak memory."""
+    """One save with nothing else running: block, durable, consistency, peak memory.
+
+    With ``floor``, the copy floor is timed right before the save, after the consistency
+    digest: the two copies back to back, in the same state of the machine.
+    """
     before = digest(state.state_dict()) if adapter.load is not None else None
+    if floor is not None:
+        out.paired_floor.append(_time_floor(floor))
     cuda = state.device.type == "cuda"
     if cuda:
         torch.cuda.synchronize()
@@ -731,12 +743,10 @@ def measure_system(
         for _ in range(repeats):
             step += 1
             settle(device)
-            if floor is not None:
-                out.paired_floor.append(_time_floor(floor))
             if disk_floor is not None:
                 out.paired_disk.append(_time_disk_floor(disk_floor, step))
                 settle(device)
-            quiet_save(adapter, state, step, peak, base_rss, out)
+            quiet_save(adapter, state, step, peak, base_rss, out, floor)
         if system.asynchronous:
             for _ in range(repeats):
                 step += 1
