@@ -223,7 +223,7 @@ def run_copy_floor(
     as often.
     """
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
-    tensors = [t for t in _tensors(state)]
+    tensors = _tensors(state)
     buffers = [torch.empty_like(t) for t in tensors]
     workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
     pieces: list[tuple[torch.Tensor, torch.Tensor]] = []
