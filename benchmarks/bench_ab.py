@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib
-import json
 import logging
 import os
 import shutil
@@ -158,13 +157,10 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     text = markdown(args.experiment, args, results)
-    args.out.mkdir(parents=True, exist_ok=True)
     commit = bench._git("rev-parse", "--short", "HEAD")
-    stem = f"{datetime.datetime.now():%Y-%m-%d-%H%M%S}-ab-{args.experiment}-{commit}"
-    (args.out / f"{stem}.md").write_text(text)
-    (args.out / f"{stem}.json").write_text(json.dumps(results, indent=1))
+    stem = bench.write_report(args.out, f"ab-{args.experiment}", commit, text, results)
     print(text)
-    print(f"wrote {args.out / stem}.md, .json", file=sys.stderr)
+    print(f"wrote {stem}.md, .json", file=sys.stderr)
     return 0
 
 

@@ -38,14 +38,11 @@ import argparse
 import concurrent.futures
 import datetime
 import gc
-import importlib
-import json
 import logging
 import os
 import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -56,17 +53,12 @@ from typing import Any
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_save import _git, _import_package, write_report
+
 REPO = Path(__file__).resolve().parent.parent
 MB = 1 << 20
 TARGET_THROUGHPUT = 0.95
-
-
-def _package() -> Any:
-    try:
-        return importlib.import_module("torch_ckpt_hook")
-    except ImportError:
-        sys.path.insert(0, str(REPO))
-        return importlib.import_module("torch_ckpt_hook")
 
 
 def build(
@@ -176,7 +168,7 @@ def run_ckpt_hook(
     workdir: Path,
     if_busy: str,
 ) -> dict[str, Any]:
-    tch = _package()
+    tch = _import_package()
     ages = Ages()
     newest: list[int | None] = [None]
 
@@ -291,15 +283,6 @@ def measure(
     result["steps_per_s"] = args.steps / result["seconds"]
     result["load_average_1min"] = [load_before, os.getloadavg()[0]]
     return result
-
-
-def _git(*argv: str) -> str:
-    try:
-        return subprocess.run(
-            ["git", *argv], cwd=REPO, capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 LABELS = {
@@ -433,12 +416,9 @@ def main(argv: list[str] | None = None) -> int:
         "load": f"{load_start:.1f} → {os.getloadavg()[0]:.1f}",
     }
     text = markdown(info, runs)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"{datetime.datetime.now():%Y-%m-%d-%H%M%S}-continuous-{commit}"
-    (args.out / f"{stem}.md").write_text(text)
-    (args.out / f"{stem}.json").write_text(json.dumps({"info": info, "runs": runs}, indent=1))
+    stem = write_report(args.out, "continuous", commit, text, {"info": info, "runs": runs})
     print(text)
-    print(f"wrote {args.out / stem}.md, .json", file=sys.stderr)
+    print(f"wrote {stem}.md, .json", file=sys.stderr)
     return 0
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
-import json
 import os
 import shutil
 import sys
@@ -32,7 +31,16 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_save import MB, PeakRss, _git, _import_package, _status_bytes, _trim_heap, build_state
+from bench_save import (
+    MB,
+    PeakRss,
+    _git,
+    _import_package,
+    _status_bytes,
+    _trim_heap,
+    build_state,
+    write_report,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 TARGET = 1.05
@@ -103,11 +111,8 @@ def main(argv: list[str] | None = None) -> int:
             "",
         ]
     )
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"{datetime.datetime.now():%Y-%m-%d-%H%M%S}-memory-{info['commit']}"
-    (args.out / f"{stem}.md").write_text(text)
     record: dict[str, Any] = {"info": info, "extra_after": after, "extra_peak": peaks}
-    (args.out / f"{stem}.json").write_text(json.dumps(record, indent=1))
+    write_report(args.out, "memory", info["commit"], text, record)
     print(text)
     return 0
 

@@ -46,7 +46,6 @@ import os
 import platform
 import random
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -54,6 +53,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_save import _git
 
 REPO = Path(__file__).resolve().parent.parent
 MB = 1 << 20
@@ -314,15 +316,6 @@ def measure(name: str, scale: float, seed: int, repeats: int) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------------------------
 # Reporting
-
-
-def _git(*args: str) -> str:
-    try:
-        return subprocess.run(
-            ["git", *args], cwd=REPO, capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def machine_info() -> dict[str, Any]:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
-import json
 import os
 import shutil
 import statistics
@@ -39,7 +38,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_save import MB, _git, _import_package, build_state
+from bench_save import MB, _git, _import_package, build_state, write_report
 
 REPO = Path(__file__).resolve().parent.parent
 TARGET = 1.3
@@ -156,10 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         "repeats": args.repeats,
     }
     text = markdown(info, sizes)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"{datetime.datetime.now():%Y-%m-%d-%H%M%S}-restore-{info['commit']}"
-    (args.out / f"{stem}.md").write_text(text)
-    (args.out / f"{stem}.json").write_text(json.dumps({"info": info, "sizes": sizes}, indent=1))
+    write_report(args.out, "restore", info["commit"], text, {"info": info, "sizes": sizes})
     print(text)
     return 0
 

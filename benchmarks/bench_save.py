@@ -826,6 +826,18 @@ def _git(*args: str) -> str:
         return "unknown"
 
 
+def write_report(out: Path, kind: str, commit: str, text: str, data: Any) -> Path:
+    """``<date>-<time>-<kind>-<commit>.md`` (``text``) and ``.json`` (``data``) in ``out``.
+
+    Returns the path of both without their suffix. The other benchmarks' results go here too.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"{datetime.datetime.now():%Y-%m-%d-%H%M%S}-{kind}-{commit}"
+    stem.with_name(stem.name + ".md").write_text(text)
+    stem.with_name(stem.name + ".json").write_text(json.dumps(data, indent=1))
+    return stem
+
+
 def machine_info(device: torch.device, workdir: Path, peak_method: str) -> dict[str, Any]:
     cpu = platform.processor() or "unknown"
     try:

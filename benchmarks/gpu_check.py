@@ -53,6 +53,9 @@ from typing import Any
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_save import _git, _import_package
+
 REPO = Path(__file__).resolve().parent.parent
 GB = 1e9
 TARGET_BLOCK_MS = 5.0
@@ -65,23 +68,6 @@ CUDA_TEST_FILES = [
     "tests/test_stateful_capture.py",
     "tests/test_parallel_copy.py",
 ]
-
-
-def _package() -> Any:
-    if str(REPO) not in sys.path:
-        sys.path.insert(0, str(REPO))
-    import torch_ckpt_hook
-
-    return torch_ckpt_hook
-
-
-def _git(*argv: str) -> str:
-    try:
-        return subprocess.run(
-            ["git", *argv], cwd=REPO, capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 # -- timing --------------------------------------------------------------------------------------
@@ -287,7 +273,7 @@ def save_step_rows(
 
 
 def ours(state: State, workdir: Path, clock: Clock, repeats: int) -> dict[str, Any]:
-    tch = _package()
+    tch = _import_package()
     session = tch.Session(state.model, state.optimizer)
     saver = tch.Saver(max_to_keep=1)
     prefix = str(workdir / "model.ckpt")
@@ -394,7 +380,7 @@ PEERS: dict[str, Callable[..., dict[str, Any] | str]] = {
 
 def consistency(device: torch.device, workdir: Path) -> dict[str, Any]:
     """Save, train on at once, and compare the file with the state at the save, bit for bit."""
-    tch = _package()
+    tch = _import_package()
     torch.manual_seed(0)
     cuda = device.type == "cuda"
     model = torch.nn.Sequential(
