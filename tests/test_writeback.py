@@ -84,3 +84,10 @@ def test_atomic_write_of_a_file_larger_than_several_chunks_is_intact(
         lambda f: [f.write(data[i : i + (8 << 20)]) for i in range(0, len(data), 8 << 20)],
     )
     assert (tmp_path / "big").read_bytes() == data
+
+
+def test_atomic_write_hands_its_writer_the_early_writeback_file(tmp_path: pathlib.Path) -> None:
+    seen: list[object] = []
+    atomic_write(tmp_path / "f", lambda f: [seen.append(f), f.write(b"x")])
+    assert [type(f) for f in seen] == [EarlyWriteback]
+    assert (tmp_path / "f").read_bytes() == b"x"
